@@ -1,0 +1,103 @@
+"""Every answer's rendering, chosen from the Accept header in one place."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from flask import Flask, Response, jsonify, make_response, redirect, render_template, request, url_for
+from werkzeug.exceptions import HTTPException
+
+from . import counter
+from .store import StorageError
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["text", "json", "html"]
+_KINDS: dict[str, Kind] = {"text/plain": "text", "application/json": "json", "text/html": "html"}
+#: How long a client should wait before retrying after a storage failure.
+RETRY_AFTER_SECONDS = 5
+
+
+def negotiate() -> Kind:
+    """Pick text, JSON or HTML for this request.
+
+    On a tie the earlier offer wins, so ``*/*`` (curl, requests) and a missing
+    header get plain text, while a browser, which asks for text/html by name
+    and for everything else at q<=0.9, gets HTML.
+    """
+    best = request.accept_mimetypes.best_match(list(_KINDS), default="text/plain")
+    return _KINDS[best or "text/plain"]
+
+
+def _answer(text: str, data: dict[str, Any], changed: bool) -> Response:
+    kind = negotiate()
+    if kind == "json":
+        return jsonify(data)
+    if kind == "html":
+        # After a change, send the browser back to the page (POST/redirect/GET),
+        # so a reload does not repeat the change.
+        return redirect(url_for("counter.index"), 303) if changed else page()
+    return _text(text)
+
+
+def _text(text: str, status: int = 200) -> Response:
+    return Response(text, status, mimetype="text/plain")
+
+
+def counter_value(value: int, changed: bool) -> Response:
+    """Answer with this client's counter."""
+    return _answer(f"counter is {value}", {"counter": value}, changed)
+
+
+def reset_done() -> Response:
+    """Answer a reset."""
+    return _answer("counter was reset", {"counter": 0}, changed=True)
+
+
+def global_value(value: int, changed: bool) -> Response:
+    """Answer with the global counter."""
+    return _answer(f"global counter is {value}", {"global": value}, changed)
+
+
+def page() -> Response:
+    """The HTML page: this client's count and the global one."""
+    return make_response(render_template("index.html", count=counter.read(), total=counter.read_global()))
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """Render an error the way this request wants its answers."""
+    kind = negotiate()
+    if kind == "json":
+        response = jsonify(error=message)
+        response.status_code = status
+    elif kind == "html":
+        response = make_response(render_template("error.html", status=status, message=message), status)
+    else:
+        response = _text(message, status)
+    response.headers.update(headers or {})
+    return response
+
+
+def _http_error(exc: HTTPException) -> Response | HTTPException:
+    if exc.code is None or exc.code < 400:
+        return exc  # routing redirects are answers, not errors
+    # Keep headers such as Allow (405) that werkzeug computed.
+    headers = {k: v for k, v in exc.get_headers() if k != "Content-Type"}
+    return error(exc.code, exc.description or exc.name, headers)
+
+
+def _storage_error(exc: StorageError) -> Response:
+    return error(exc.status, exc.message, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def _unexpected(exc: Exception) -> Response:
+    log.exception("unhandled error")
+    return error(500, "internal error")
+
+
+def init_app(app: Flask) -> None:
+    """Render every error through :func:`error`."""
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(StorageError, _storage_error)
+    app.register_error_handler(Exception, _unexpected)

@@ -1,0 +1,36 @@
+// Progressive enhancement: without this script the forms POST and the server
+// redirects back (303). With it, the same forms update the numbers in place.
+"use strict";
+
+const status = document.getElementById("status");
+
+async function submit(event) {
+  event.preventDefault();
+  const form = event.target;
+  const button = event.submitter;
+  const action = (button && button.getAttribute("formaction")) || form.getAttribute("action");
+  const target = document.getElementById(form.dataset.update);
+  try {
+    const response = await fetch(action, {
+      method: "POST",
+      body: new URLSearchParams(new FormData(form)),
+      headers: { Accept: "application/json" },
+      credentials: "same-origin",
+    });
+    const text = await response.text();
+    if (!response.ok) {
+      status.textContent = JSON.parse(text).error || `Error ${response.status}`;
+      return;
+    }
+    // Read the number from the text: JSON.parse would round 64-bit counts.
+    const value = text.match(/:\s*(-?\d+)/);
+    status.textContent = "";
+    target.textContent = value ? value[1] : target.textContent;
+  } catch (error) {
+    status.textContent = "The server could not be reached. Reload to see the current count.";
+  }
+}
+
+for (const form of document.querySelectorAll("form[data-update]")) {
+  form.addEventListener("submit", submit);
+}

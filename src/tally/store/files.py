@@ -1,0 +1,390 @@
+"""Sessions as files under the instance folder, on cachelib's ``FileSystemCache``.
+
+cachelib gives the layout: one file per session, named by the sha256 of its
+key, mode 0600.  Its write path does not fit a counter: it replaces whole files
+with no lock (so concurrent writers lose updates), pickles, and above its
+threshold deletes live sessions.  :class:`RecordFileCache` keeps the layout and
+replaces the IO:
+
+* Every file holds two fixed slots.  A write goes to the older slot in place
+  and the newer one stays intact, so a process killed mid-write leaves the
+  previous acknowledged value readable.  Each slot carries a CRC32 that
+  exposes a torn or foreign write.
+* A writer holds ``flock`` on the session's own file for the read-modify-write
+  only.  The kernel drops it when the process dies, so a kill -9 leaves no
+  lock behind.  Nothing is ever renamed over a session file (a rename would
+  orphan the lock); files are only unlinked, under the lock, by prune and
+  quarantine, and a writer that finds its file unlinked opens it again.
+* Readers take no lock: a slot being written fails its CRC and the reader
+  falls back to the other, previous, slot.
+* There is no threshold: nothing is evicted, and ``flask sessions prune``
+  removes only expired sessions.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from cachelib.base import BaseCache
+from cachelib.file import FileSystemCache
+
+from .base import (
+    Change,
+    CorruptRecord,
+    PruneReport,
+    Record,
+    Stats,
+    StorageError,
+    Store,
+    decode_record,
+    encode_record,
+)
+
+#: magic, expires (unix time, 0 = never), sequence number, payload length, crc32
+_HEADER = struct.Struct("<4sdQII")
+_MAGIC = b"TLY1"
+#: Both slots fit in one 4 KiB block, so a session costs one block on disk.
+SLOT_SIZE = 512
+MAX_PAYLOAD = SLOT_SIZE - _HEADER.size
+_SESSION_NAME = re.compile(r"[0-9a-f]{64}")
+GLOBAL_FILE = "global"
+QUARANTINE_DIR = "quarantine"
+
+_OS_ERRORS = {
+    errno.ENOSPC: ("disk_full", "the session disk is full", 507),
+    errno.EDQUOT: ("disk_full", "the session disk quota is exhausted", 507),
+    errno.EROFS: ("read_only", "the session store is on a read-only filesystem", 503),
+    errno.EACCES: ("permission", "permission denied on the session store", 503),
+    errno.EPERM: ("permission", "permission denied on the session store", 503),
+}
+
+
+def storage_error(exc: OSError) -> StorageError:
+    """Translate an OSError from the session folder into a StorageError."""
+    kind, message, status = _OS_ERRORS.get(
+        exc.errno or 0, ("io_error", f"the session store failed: {exc.strerror}", 503)
+    )
+    return StorageError(kind, message, status)
+
+
+class _Slot:
+    """One decoded, checksum-verified slot."""
+
+    __slots__ = ("expires", "record", "seq")
+
+    def __init__(self, expires: float, seq: int, record: Record) -> None:
+        self.expires = expires
+        self.seq = seq
+        self.record = record
+
+
+def _pack(record: Record, expires: float, seq: int) -> bytes:
+    payload = encode_record(record)
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"a session record is limited to {MAX_PAYLOAD} bytes")
+    crc = zlib.crc32(payload, zlib.crc32(struct.pack("<dQ", expires, seq)))
+    return _HEADER.pack(_MAGIC, expires, seq, len(payload), crc) + payload
+
+
+def _unpack_slot(raw: bytes) -> _Slot | None:
+    if len(raw) < _HEADER.size:
+        return None
+    magic, expires, seq, length, crc = _HEADER.unpack_from(raw)
+    payload = raw[_HEADER.size : _HEADER.size + length]
+    if magic != _MAGIC or length > MAX_PAYLOAD or len(payload) != length:
+        return None
+    if zlib.crc32(payload, zlib.crc32(struct.pack("<dQ", expires, seq))) != crc:
+        return None
+    try:
+        return _Slot(expires, seq, decode_record(payload))
+    except CorruptRecord:
+        return None
+
+
+def _newest(raw: bytes) -> _Slot | None:
+    """Return the newest valid slot; raise CorruptRecord for foreign bytes."""
+    if not raw:
+        return None
+    slots = [s for s in (_unpack_slot(raw[:SLOT_SIZE]), _unpack_slot(raw[SLOT_SIZE:])) if s]
+    if not slots:
+        raise CorruptRecord("no valid slot")
+    return max(slots, key=lambda s: s.seq)
+
+
+def _live(slot: _Slot | None, now: float) -> bool:
+    return slot is not None and (slot.expires == 0 or slot.expires > now)
+
+
+class RecordFileCache(FileSystemCache):
+    """cachelib's file cache with locked, in-place, JSON records.
+
+    It still answers cachelib's ``get``/``set``/``delete``/``has``, and adds
+    :meth:`update`, the atomic read-modify-write that the counter needs.
+    """
+
+    def __init__(self, cache_dir: str, default_timeout: int = 0, fsync: bool = False) -> None:
+        # cachelib creates the folder with the umask's mode; sessions are
+        # credentials, so the folder is the owner's alone.
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+        # threshold=0: cachelib's pruning evicts live sessions and reads every
+        # file on every write once over the threshold.
+        super().__init__(cache_dir, threshold=0, default_timeout=default_timeout, mode=0o600)
+        self.fsync = fsync
+        #: Called when a writer has to wait for another writer's lock.
+        self.on_lock_wait: Callable[[], None] = lambda: None
+        #: Called with the path and raw bytes of a record that was quarantined.
+        self.on_quarantine: Callable[[str, bytes], None] = lambda path, raw: None
+
+    # -- low-level IO ------------------------------------------------------
+
+    def _open_locked(self, path: str, create: bool = True, block: bool = True) -> int | None:
+        """Open ``path`` and take its exclusive lock; None if absent or busy."""
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        while True:
+            try:
+                fd = os.open(path, flags, self._mode)
+            except FileNotFoundError:
+                return None
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if not block:
+                        os.close(fd)
+                        return None
+                    self.on_lock_wait()
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                # A prune or quarantine may have unlinked the file while we
+                # waited; writing to it then would be lost, so reopen.
+                if os.fstat(fd).st_nlink:
+                    return fd
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+            if not create:
+                return None
+
+    @staticmethod
+    def _read(fd: int) -> bytes:
+        return os.pread(fd, 2 * SLOT_SIZE, 0)
+
+    def _quarantine(self, path: str, fd: int) -> None:
+        """Move a corrupt file's bytes aside and unlink it; we hold its lock."""
+        raw = os.pread(fd, 1 << 16, 0)
+        folder = os.path.join(self._path, QUARANTINE_DIR)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        target = os.path.join(folder, f"{os.path.basename(path)}.{time.time_ns()}")
+        with open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(raw)
+        # Unlink rather than rename: a writer waiting on this file's lock
+        # sees st_nlink == 0 and starts over on a fresh file.
+        os.unlink(path)
+        self.on_quarantine(path, raw)
+
+    def _newest_or_quarantine(self, path: str, fd: int) -> _Slot | None:
+        try:
+            return _newest(self._read(fd))
+        except CorruptRecord:
+            self._quarantine(path, fd)
+            return None
+
+    def update_path(self, path: str, change: Change, ttl: int) -> Record:
+        """The atomic read-modify-write on one file."""
+        try:
+            while True:
+                fd = self._open_locked(path)
+                assert fd is not None
+                try:
+                    now = time.time()
+                    current = self._newest_or_quarantine(path, fd)
+                    if current is None and not os.fstat(fd).st_nlink:
+                        continue  # it was quarantined; start on a fresh file
+                    record = change(dict(current.record) if _live(current, now) else {})
+                    seq = current.seq + 1 if current else 1
+                    data = _pack(record, now + ttl if ttl else 0.0, seq)
+                    if os.pwrite(fd, data, (seq % 2) * SLOT_SIZE) != len(data):
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    if self.fsync:
+                        os.fsync(fd)
+                    return record
+                finally:
+                    os.close(fd)  # also releases the lock
+        except OSError as exc:
+            raise storage_error(exc) from exc
+
+    def read_path(self, path: str) -> Record | None:
+        """Read a live record without a lock, quarantining a corrupt one."""
+        try:
+            with open(path, "rb", buffering=0) as f:
+                raw = f.read(2 * SLOT_SIZE)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise storage_error(exc) from exc
+        try:
+            slot = _newest(raw)
+        except CorruptRecord:
+            self._quarantine_unless_fixed(path)
+            return None
+        return slot.record if _live(slot, time.time()) else None
+
+    def _quarantine_unless_fixed(self, path: str) -> None:
+        # Under the lock, a concurrent writer may have repaired the file.
+        try:
+            fd = self._open_locked(path, create=False)
+            if fd is not None:
+                try:
+                    self._newest_or_quarantine(path, fd)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            raise storage_error(exc) from exc
+
+    def path_for(self, key: str) -> str:
+        """Return the file that holds ``key``."""
+        return self._get_filename(key)
+
+    # -- cachelib's interface ----------------------------------------------
+
+    def get(self, key: str) -> Any:
+        """Return the live record under ``key``, or None."""
+        return self.read_path(self._get_filename(key))
+
+    def set(self, key: str, value: Any, timeout: Any = None, mgmt_element: bool = False) -> bool:
+        """Store ``value`` (a JSON object) under ``key``."""
+        self.update_path(self._get_filename(key), lambda _: value, self._normalize_ttl(timeout))
+        return True
+
+    def has(self, key: str) -> bool:
+        """Tell whether a live record is stored under ``key``."""
+        return self.get(key) is not None
+
+    def _normalize_ttl(self, timeout: Any) -> int:
+        # FileSystemCache's override turns it into a deadline; we want seconds.
+        return int(BaseCache._normalize_timeout(self, timeout))
+
+    # -- maintenance -------------------------------------------------------
+
+    def delete(self, key: str, mgmt_element: bool = False) -> bool:
+        """Remove the record under ``key``."""
+        path = self._get_filename(key)
+        try:
+            fd = self._open_locked(path, create=False)
+            if fd is not None:
+                os.unlink(path)
+                os.close(fd)
+        except OSError as exc:
+            raise storage_error(exc) from exc
+        return True
+
+    def prune_file(self, path: str) -> int | None:
+        """Unlink ``path`` if it holds no live session; return the bytes freed.
+
+        Returns None when the session is kept: live, absent, or busy with a
+        writer (a writer means it is in use).  A corrupt file is quarantined.
+        """
+        try:
+            fd = self._open_locked(path, create=False, block=False)
+            if fd is None:
+                return None
+            try:
+                # Judged under the lock: a request may have written just now.
+                size = os.fstat(fd).st_blocks * 512
+                if _live(self._newest_or_quarantine(path, fd), time.time()):
+                    return None
+                if os.fstat(fd).st_nlink:
+                    os.unlink(path)
+                return size
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise storage_error(exc) from exc
+
+    def session_files(self) -> Iterator[os.DirEntry[str]]:
+        """Yield the folder's session files (not the global counter, not temp files)."""
+        with os.scandir(self._path) as entries:
+            for entry in entries:
+                if _SESSION_NAME.fullmatch(entry.name):
+                    yield entry
+
+
+class FileStore(Store):
+    """The default store: a folder of session files, shared by one machine's processes."""
+
+    name = "files"
+
+    def __init__(self, folder: str, fsync: bool = False) -> None:
+        try:
+            self.cache = RecordFileCache(folder, fsync=fsync)
+        except OSError as exc:
+            raise storage_error(exc) from exc
+        self.folder = folder
+        self._global = os.path.join(folder, GLOBAL_FILE)
+
+    def load(self, key: str) -> Record | None:
+        return self.cache.get(key)
+
+    def update(self, key: str, change: Change, ttl: int) -> Record:
+        return self.cache.update_path(self.cache.path_for(key), change, ttl)
+
+    def delete(self, key: str) -> None:
+        self.cache.delete(key)
+
+    def increment_global(self, by: int = 1) -> int:
+        record = self.cache.update_path(self._global, lambda r: {"value": r.get("value", 0) + by}, 0)
+        return int(record["value"])
+
+    def read_global(self) -> int:
+        record = self.cache.read_path(self._global)
+        return int(record["value"]) if record else 0
+
+    def stats(self, lifetime: int) -> Stats:
+        now = time.time()
+        count = size = 0
+        oldest: float | None = None
+        for entry in self.cache.session_files():
+            slot = self._slot(entry.path)
+            if not _live(slot, now):
+                continue
+            count += 1
+            size += entry.stat().st_blocks * 512
+            written = entry.stat().st_mtime
+            oldest = written if oldest is None else min(oldest, written)
+        return Stats(count, size, None if oldest is None else now - oldest)
+
+    def _slot(self, path: str) -> _Slot | None:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                return _newest(f.read(2 * SLOT_SIZE))
+        except (FileNotFoundError, CorruptRecord):
+            return None
+
+    def check(self) -> None:
+        self.cache.update_path(os.path.join(self.folder, "healthz"), lambda r: {"at": time.time()}, 0)
+
+    def prune(self, progress: Callable[[PruneReport], None] | None = None) -> PruneReport:
+        report = PruneReport()
+        for n, entry in enumerate(self.cache.session_files(), 1):
+            freed = self.cache.prune_file(entry.path)
+            if freed is None:
+                report.kept += 1
+            else:
+                report.removed += 1
+                report.bytes_freed += freed
+            if progress and n % 100_000 == 0:
+                progress(report)
+        return report
+
+
+def describe(path: str) -> str:
+    """Name a session file in logs by its hashed id (see :func:`hashed_id`)."""
+    return os.path.basename(path)[:16]

@@ -1,0 +1,199 @@
+"""Fixtures: the app and its test client, and real gunicorn servers on free ports."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+from flask import Flask
+from flask.testing import FlaskClient, FlaskCliRunner
+
+from tally import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRE_ALL = os.environ.get("TALLY_REQUIRE_ALL") == "1"
+
+#: The Accept headers real clients send (Chromium's, navigating to a page).
+CHROMIUM = (
+    "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,"
+    "image/apng,*/*;q=0.8,application/signed-exchange;v=b3;q=0.7"
+)
+CURL = "*/*"
+REQUESTS = requests.utils.default_headers()["Accept"]
+
+
+def unavailable(reason: str) -> None:
+    """Skip for a missing tool, or fail under TALLY_REQUIRE_ALL=1 (as in CI)."""
+    if REQUIRE_ALL:
+        pytest.fail(f"{reason}; TALLY_REQUIRE_ALL=1 forbids skipping", pytrace=False)
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    """Return a TCP port that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Flask:
+    """An app on a fresh file store."""
+    return create_app(
+        {"TESTING": True, "SECRET_KEY": "test", "SESSION_DIR": str(tmp_path / "sessions")},
+        instance_path=str(tmp_path / "instance"),
+    )
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    """A test client with its own cookie jar."""
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app: Flask) -> FlaskCliRunner:
+    """A runner for the app's ``flask`` commands."""
+    return app.test_cli_runner()
+
+
+def counter_of(text: str) -> int:
+    """Parse ``counter is N`` or ``global counter is N``."""
+    match = re.fullmatch(r"(?:global )?counter is (-?\d+)", text)
+    assert match, f"not a counter answer: {text!r}"
+    return int(match.group(1))
+
+
+@dataclass
+class Outcome:
+    """What a burst of concurrent requests got back."""
+
+    values: list[int] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+    #: Requests that got no answer (the connection was cut).
+    cut_off: int = 0
+
+
+@dataclass
+class Server:
+    """A real gunicorn serving ``run:app`` with several workers and threads."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    session_dir: Path
+    _local: threading.local = field(default_factory=threading.local)
+    _pools: list[requests.Session] = field(default_factory=list)
+
+    def http(self) -> requests.Session:
+        """A keep-alive connection pool for the calling thread."""
+        if not hasattr(self._local, "http"):
+            self._local.http = requests.Session()
+            self._pools.append(self._local.http)
+        return self._local.http  # type: ignore[no-any-return]
+
+    def get(self, path: str, cookie: str | None = None, **kwargs: object) -> requests.Response:
+        """GET ``path``, with ``cookie`` as the session cookie when given."""
+        cookies = {"session": cookie} if cookie else None
+        return self.http().get(self.url + path, cookies=cookies, timeout=30, **kwargs)  # type: ignore[arg-type]
+
+    def new_client(self) -> str:
+        """Create a session with one increment and return its cookie."""
+        with requests.get(self.url + "/inc", timeout=30) as response:
+            pass
+        assert response.text == "counter is 1"
+        return response.cookies["session"]
+
+    def burst(self, path: str, n: int, cookie: str | None = None, threads: int = 32) -> Outcome:
+        """Send ``n`` concurrent GETs; collect each answer's number."""
+        outcome = Outcome()
+        lock = threading.Lock()
+
+        def one(_: int) -> None:
+            try:
+                response = self.get(path, cookie)
+            except requests.ConnectionError:
+                with lock:
+                    outcome.cut_off += 1
+                return
+            with lock:
+                outcome.statuses.append(response.status_code)
+                if response.status_code == 200:
+                    outcome.values.append(counter_of(response.text))
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one, range(n)))
+        return outcome
+
+    def workers(self) -> list[int]:
+        """The pids of gunicorn's worker processes."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        return [int(pid) for pid in children.split()]
+
+    def stop(self) -> None:
+        """Stop gunicorn and wait for it."""
+        for pool in self._pools:
+            pool.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+ServerFactory = Callable[..., Server]
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[ServerFactory]:
+    """Start gunicorn servers: ``serve(workers=4, threads=4, **TALLY_settings)``."""
+    started: list[Server] = []
+
+    def start(workers: int = 4, threads: int = 4, **settings: str) -> Server:
+        port = free_port()
+        env = {
+            **os.environ,
+            "TALLY_INSTANCE_PATH": str(tmp_path / "instance"),
+            "TALLY_SECRET_KEY": "test",
+            "TALLY_SESSION_DIR": str(tmp_path / "sessions"),
+            **{f"TALLY_{k.upper()}": v for k, v in settings.items()},
+        }
+        log = tmp_path / f"gunicorn-{port}.log"
+        command = [sys.executable, "-m", "gunicorn", "--workers", str(workers), "--threads", str(threads)]
+        command += ["--bind", f"127.0.0.1:{port}", "--timeout", "60", "run:app"]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        server = Server(f"http://127.0.0.1:{port}", proc, log, Path(env["TALLY_SESSION_DIR"]))
+        started.append(server)
+        deadline = time.monotonic() + 30
+        while len(server.workers()) < workers or not _answers(server.url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"gunicorn did not start:\n{log.read_text()}")
+            time.sleep(0.1)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with requests.get(url + "/global", timeout=2) as response:
+            return response.status_code == 200
+    except requests.ConnectionError:
+        return False

@@ -1,0 +1,125 @@
+"""No lost update, against a real gunicorn with several workers and threads.
+
+Flask's test client runs one request at a time, so these go over HTTP.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import Server, ServerFactory, counter_of
+
+
+def test_concurrent_increments_with_one_cookie_are_all_counted(serve: ServerFactory) -> None:
+    server = serve(workers=4, threads=4)
+    cookie = server.new_client()
+    outcome = server.burst("/inc", 500, cookie, threads=48)
+    assert outcome.statuses == [200] * 500
+    assert sorted(outcome.values) == list(range(2, 502)), "each increment saw its own, distinct value"
+    assert server.get("/counter", cookie).text == "counter is 501"
+
+
+def test_reads_during_increments_never_undo_them(serve: ServerFactory) -> None:
+    server = serve(workers=4, threads=4)
+    cookie = server.new_client()
+    paths = ["/inc", "/counter", "/dec?by=-2", "/counter"] * 100  # +300 in all
+    with ThreadPoolExecutor(48) as pool:
+        answers = list(pool.map(lambda p: server.get(p, cookie), paths))
+    assert {a.status_code for a in answers} == {200}
+    assert server.get("/counter", cookie).text == "counter is 301"
+
+
+def test_100_concurrent_clients_each_get_a_unique_global_number(serve: ServerFactory) -> None:
+    server = serve(workers=4, threads=4)
+    start = counter_of(server.get("/global").text)
+    outcome = server.burst("/global/inc", 100, threads=100)
+    assert sorted(outcome.values) == list(range(start + 1, start + 101))
+    assert server.get("/global").text == f"global counter is {start + 100}"
+
+
+def test_two_servers_on_one_folder_share_counters(serve: ServerFactory) -> None:
+    first, second = serve(workers=2, threads=4), serve(workers=2, threads=4)
+    cookie = first.new_client()
+    results: list[int] = []
+
+    def hammer(server: Server) -> None:
+        results.extend(server.burst("/inc", 150, cookie, threads=16).values)
+
+    threads = [threading.Thread(target=hammer, args=(s,)) for s in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == list(range(2, 302))
+    assert second.get("/counter", cookie).text == "counter is 301"
+
+
+def test_kill_9_of_a_worker_under_load_loses_no_acknowledged_update(serve: ServerFactory) -> None:
+    server = serve(workers=4, threads=4)
+    cookie = server.new_client()
+    stop = threading.Event()
+    acked: list[int] = []
+    cut_off = 0
+    lock = threading.Lock()
+
+    def hammer() -> None:
+        nonlocal cut_off
+        while not stop.is_set():
+            try:
+                response = server.get("/inc", cookie)
+            except Exception:
+                with lock:
+                    cut_off += 1
+                continue
+            if response.status_code == 200:
+                with lock:
+                    acked.append(counter_of(response.text))
+
+    threads = [threading.Thread(target=hammer) for _ in range(16)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(6):
+            time.sleep(0.4)
+            os.kill(server.workers()[0], signal.SIGKILL)
+    finally:
+        time.sleep(0.4)
+        stop.set()
+        for t in threads:
+            t.join()
+
+    assert len(acked) > 100 and cut_off > 0, "the kills must land while requests are in flight"
+    assert len(set(acked)) == len(acked)
+    began = time.monotonic()
+    final = counter_of(server.get("/counter", cookie).text)
+    assert 1 + len(acked) <= final <= 1 + len(acked) + cut_off
+    # No lock was left behind: an update goes through at once.
+    assert server.get("/inc", cookie).text == f"counter is {final + 1}"
+    assert time.monotonic() - began < 2
+
+
+def test_a_lock_held_by_a_killed_process_is_released(serve: ServerFactory) -> None:
+    server = serve(workers=2, threads=2)
+    cookie = server.new_client()
+    [path] = [p for p in server.session_dir.iterdir() if len(p.name) == 64]
+    hold = (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'r+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print(1, flush=True); time.sleep(600)"
+    )
+    with subprocess.Popen([sys.executable, "-c", hold, str(path)], stdout=subprocess.PIPE) as holder:
+        assert holder.stdout is not None and holder.stdout.readline() == b"1\n"
+        with open(path, "r+") as f, pytest.raises(BlockingIOError):  # the lock is really held
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.send_signal(signal.SIGKILL)
+    began = time.monotonic()
+    assert server.get("/inc", cookie).text == "counter is 2"
+    assert time.monotonic() - began < 1

@@ -1,0 +1,138 @@
+"""The routes' contract, in each rendering, as real clients ask for it."""
+
+from __future__ import annotations
+
+import pytest
+from flask.testing import FlaskClient
+
+from conftest import CHROMIUM, CURL, REQUESTS
+
+SCRIPTS = [pytest.param(CURL, id="curl"), pytest.param(REQUESTS, id="requests"), pytest.param("text/plain", id="text")]
+
+
+@pytest.mark.parametrize("accept", SCRIPTS)
+def test_text_answers_are_exactly_the_documented_texts(client: FlaskClient, accept: str) -> None:
+    h = {"Accept": accept}
+    assert client.get("/inc", headers=h).text == "counter is 1"
+    assert client.post("/inc", headers=h).text == "counter is 2"
+    assert client.get("/inc?by=40", headers=h).text == "counter is 42"
+    assert client.get("/dec", headers=h).text == "counter is 41"
+    assert client.post("/dec?by=-9", headers=h).text == "counter is 50"
+    assert client.get("/counter", headers=h).text == "counter is 50"
+    assert client.get("/", headers=h).text == "counter was reset"
+    assert client.get("/counter", headers=h).text == "counter is 0"
+    client.get("/inc", headers=h)
+    assert client.post("/reset", headers=h).text == "counter was reset"
+    assert client.post("/", headers=h).text == "counter was reset"
+    assert client.get("/counter", headers=h).text == "counter is 0"
+    response = client.get("/counter", headers=h)
+    assert response.mimetype == "text/plain"
+
+
+def test_by_is_also_read_from_a_posted_form(client: FlaskClient) -> None:
+    assert client.post("/inc", data={"by": "7"}).text == "counter is 7"
+    assert client.post("/dec", data={"by": "2"}).text == "counter is 5"
+
+
+def test_json_answers(client: FlaskClient) -> None:
+    h = {"Accept": "application/json"}
+    assert client.get("/inc?by=3", headers=h).json == {"counter": 3}
+    assert client.get("/dec", headers=h).json == {"counter": 2}
+    assert client.get("/counter", headers=h).json == {"counter": 2}
+    assert client.post("/reset", headers=h).json == {"counter": 0}
+    before = client.get("/global", headers=h).json["global"]
+    assert client.post("/global/inc", headers=h).json == {"global": before + 1}
+    assert client.get("/global", headers=h).json == {"global": before + 1}
+
+
+def test_global_counter_text(client: FlaskClient) -> None:
+    assert client.get("/global").text == "global counter is 0"
+    assert client.get("/global/inc").text == "global counter is 1"
+    assert client.post("/global/inc").text == "global counter is 2"
+    assert client.get("/global").text == "global counter is 2"
+
+
+def test_browser_gets_a_page_and_changes_redirect_back(client: FlaskClient) -> None:
+    h = {"Accept": CHROMIUM}
+    client.get("/inc?by=5")
+    page = client.get("/", headers=h)
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    assert 'id="count"' in page.text and ">5<" in page.text
+    # The page's own GET changed nothing: it is not the reset that GET / is for scripts.
+    assert client.get("/counter").text == "counter is 5"
+    for path in ("/inc", "/dec", "/reset", "/global/inc"):
+        response = client.post(path, headers=h)
+        assert response.status_code == 303 and response.headers["Location"] == "/"
+    assert client.get("/counter").text == "counter is 0"
+    assert client.get("/counter", headers=h).mimetype == "text/html"
+    assert client.get("/global", headers=h).mimetype == "text/html"
+
+
+def test_page_has_forms_that_post(client: FlaskClient) -> None:
+    page = client.get("/", headers={"Accept": CHROMIUM}).text
+    for action in ('formaction="/inc"', 'formaction="/dec"', 'action="/reset"', 'action="/global/inc"'):
+        assert action in page
+    assert page.count('method="post"') == 3
+
+
+@pytest.mark.parametrize(
+    ("accept", "check"),
+    [
+        (CURL, lambda r: r.mimetype == "text/plain" and "whole number" in r.text),
+        ("application/json", lambda r: r.mimetype == "application/json" and "whole number" in r.json["error"]),
+        (CHROMIUM, lambda r: r.mimetype == "text/html" and "whole number" in r.text),
+    ],
+    ids=["text", "json", "html"],
+)
+def test_errors_are_rendered_the_requested_way(client: FlaskClient, accept: str, check: object) -> None:
+    response = client.get("/inc?by=two", headers={"Accept": accept})
+    assert response.status_code == 400
+    assert check(response)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("accept", [CURL, "application/json", CHROMIUM])
+def test_404_and_405_are_rendered_too(client: FlaskClient, accept: str) -> None:
+    missing = client.get("/nowhere", headers={"Accept": accept})
+    assert missing.status_code == 404
+    wrong = client.delete("/inc", headers={"Accept": accept})
+    assert wrong.status_code == 405 and "POST" in wrong.headers["Allow"]
+    assert client.post("/counter").status_code == 405
+    if accept == "application/json":
+        assert set(missing.json) == {"error"} and set(wrong.json) == {"error"}
+
+
+@pytest.mark.parametrize(
+    "by",
+    ["x", "1.5", "1e3", "", " 1", "1_000", "٣", "0x10", "9223372036854775808", "-9223372036854775809", "9" * 400],
+)
+def test_a_bad_step_is_a_400_and_changes_nothing(client: FlaskClient, by: str) -> None:
+    client.get("/inc?by=7")
+    response = client.get("/inc", query_string={"by": by})
+    assert response.status_code == 400
+    assert response.text
+    assert client.get("/counter").text == "counter is 7"
+
+
+def test_a_repeated_step_is_a_400(client: FlaskClient) -> None:
+    assert client.get("/inc?by=1&by=2").status_code == 400
+    assert client.get("/counter").text == "counter is 0"
+
+
+def test_the_counter_stays_within_signed_64_bits(client: FlaskClient) -> None:
+    top = 2**63 - 1
+    assert client.get(f"/inc?by={top}").text == f"counter is {top}"
+    over = client.get("/inc")
+    assert over.status_code == 400 and "64-bit" in over.text
+    assert client.get("/counter").text == f"counter is {top}"
+    assert client.get(f"/dec?by={top}").text == "counter is 0"
+    assert client.get(f"/dec?by={top}").text == f"counter is {-top}"
+    assert client.get("/dec").text == f"counter is {-top - 1}"
+    assert client.get("/dec").status_code == 400
+    assert client.get("/counter").text == f"counter is {-top - 1}"
+
+
+def test_cookie_dependent_answers_are_not_cached(client: FlaskClient) -> None:
+    for path in ("/counter", "/inc", "/global", "/"):
+        response = client.get(path)
+        assert response.headers["Cache-Control"] == "no-store"
+        assert "Cookie" in response.headers["Vary"]
