@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import re
 import struct
@@ -57,6 +58,8 @@ MAX_PAYLOAD = SLOT_SIZE - _HEADER.size
 _SESSION_NAME = re.compile(r"[0-9a-f]{64}")
 GLOBAL_FILE = "global"
 QUARANTINE_DIR = "quarantine"
+
+log = logging.getLogger(__name__)
 
 _OS_ERRORS = {
     errno.ENOSPC: ("disk_full", "the session disk is full", 507),
@@ -188,6 +191,9 @@ class RecordFileCache(FileSystemCache):
         # Unlink rather than rename: a writer waiting on this file's lock
         # sees st_nlink == 0 and starts over on a fresh file.
         os.unlink(path)
+        log.warning(
+            "corrupt session %s (%d bytes) moved to %s; the client starts afresh", describe(path), len(raw), target
+        )
         self.on_quarantine(path, raw)
 
     def _newest_or_quarantine(self, path: str, fd: int) -> _Slot | None:

@@ -111,7 +111,9 @@ class RedisStore(Store):
         except CorruptRecord:
             # Never unpickle: delete exactly the bytes we saw, if still there.
             self._call(self._cas, keys=[rkey], args=[raw, "", 0, 2**62])
-            self.on_corrupt(hashed_id(rkey[len(self._session_prefix) :]))
+            hashed = hashed_id(rkey[len(self._session_prefix) :])
+            log.warning("corrupt session %s (%d bytes) deleted from Redis; the client starts afresh", hashed, len(raw))
+            self.on_corrupt(hashed)
             return None
 
     def load(self, key: str) -> Record | None:

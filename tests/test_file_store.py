@@ -1,0 +1,113 @@
+"""The file store's promises: torn writes, corrupt files, expiry, a safe prune."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from tally import create_app
+from tally.store.files import SLOT_SIZE
+
+
+def only_session_file(app: Flask) -> Path:
+    [path] = [p for p in Path(app.config["SESSION_DIR"]).iterdir() if len(p.name) == 64]
+    return path
+
+
+def test_a_torn_write_leaves_the_last_acknowledged_value(app: Flask, client: FlaskClient) -> None:
+    client.get("/inc")
+    client.get("/inc")  # sequence 2, in slot 0; sequence 1 stays in slot 1
+    path = only_session_file(app)
+    with path.open("r+b") as f:
+        # The next write goes to slot 1: tear it halfway, as a kill -9 could.
+        f.seek(SLOT_SIZE)
+        f.write(b"TLY1" + b"\xff" * 20)
+    assert client.get("/counter").text == "counter is 2"
+    assert client.get("/inc").text == "counter is 3"
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty-json"])
+def test_a_corrupt_file_is_quarantined_and_the_client_starts_afresh(
+    app: Flask, client: FlaskClient, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    client.get("/inc?by=5")
+    path = only_session_file(app)
+    raw = path.read_bytes()
+    bad = {"garbage": b"\x80\x04\x95 not a session at all", "truncated": raw[:30], "empty-json": b"{}"}[damage]
+    path.write_bytes(bad)
+    with caplog.at_level(logging.WARNING):
+        assert client.get("/counter").text == "counter is 0"
+    quarantined = list((path.parent / "quarantine").iterdir())
+    assert [q.read_bytes() for q in quarantined] == [bad]
+    assert path.name[:16] in caplog.text
+    assert client.get_cookie("session").value not in caplog.text  # type: ignore[union-attr]
+    assert client.get("/inc").text == "counter is 1"
+
+
+def test_a_session_expires_on_the_server(tmp_path: Path) -> None:
+    app = create_app(
+        {"PERMANENT_SESSION_LIFETIME": 1, "SESSION_DIR": str(tmp_path), "SECRET_KEY": "k"}, instance_path=str(tmp_path)
+    )
+    client = app.test_client()
+    client.get("/inc?by=9")
+    cookie = client.get_cookie("session").value  # type: ignore[union-attr]
+    time.sleep(1.1)
+    client.set_cookie("session", cookie)  # the client still presents it
+    assert client.get("/counter").text == "counter is 0"
+    assert client.get("/inc").text == "counter is 1"
+
+
+def test_prune_removes_expired_sessions_and_keeps_live_ones(tmp_path: Path) -> None:
+    app = create_app(
+        {"PERMANENT_SESSION_LIFETIME": 1, "SESSION_DIR": str(tmp_path / "s"), "SECRET_KEY": "k"},
+        instance_path=str(tmp_path),
+    )
+    for _ in range(5):
+        app.test_client().get("/inc")
+    time.sleep(1.1)
+    live = app.test_client()
+    live.get("/inc?by=3")
+    result = app.test_cli_runner().invoke(args=["sessions", "prune"])
+    assert result.exit_code == 0
+    assert "removed 5 expired sessions, kept 1, freed 20.0 KiB (20480 bytes)" in result.output
+    assert live.get("/counter").text == "counter is 3"
+    stats = app.test_cli_runner().invoke(args=["sessions", "stats"]).output
+    assert "sessions: 1\n" in stats and "bytes: 4096" in stats and "oldest: written 0s ago" in stats
+
+
+def test_prune_while_serving_never_removes_a_live_session(tmp_path: Path) -> None:
+    app = create_app(
+        {"PERMANENT_SESSION_LIFETIME": 1, "SESSION_DIR": str(tmp_path / "s"), "SECRET_KEY": "k"},
+        instance_path=str(tmp_path),
+    )
+    clients = [app.test_client() for _ in range(1500)]
+    for c in clients:
+        c.get("/inc")
+    time.sleep(1.1)  # all expired now
+    writers = clients[::50]
+    counts = dict.fromkeys(range(len(writers)), 0)
+    done = threading.Event()
+
+    def write() -> None:
+        while not done.is_set():
+            for n, c in enumerate(writers):
+                assert c.get("/inc").status_code == 200
+                counts[n] += 1
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        for _ in range(3):
+            assert app.test_cli_runner().invoke(args=["sessions", "prune"]).exit_code == 0
+    finally:
+        done.set()
+        thread.join()
+    # Expired sessions read as new, so each writer counts from its first increment after expiry.
+    for n, c in enumerate(writers):
+        assert c.get("/counter").text == f"counter is {counts[n]}"
