@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,8 @@ import pytest
 import requests
 from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
+from pytest_redis import factories
+from pytest_redis.executor.process import RedisExecutor
 
 from tally import create_app
 
@@ -197,3 +200,44 @@ def _answers(url: str) -> bool:
             return response.status_code == 200
     except requests.ConnectionError:
         return False
+
+
+# -- Redis: real servers on free ports, never the machine's 6379 ------------
+
+REDIS_SERVER = shutil.which("redis-server")
+shared_redis = factories.redis_proc(executable=REDIS_SERVER or "/usr/bin/redis-server", port=None)
+
+
+def need_redis() -> str:
+    """Return the redis-server binary, or skip (fail under TALLY_REQUIRE_ALL)."""
+    if not REDIS_SERVER:
+        unavailable("redis-server is not installed: apt-get install -y redis-server")
+    return str(REDIS_SERVER)
+
+
+@pytest.fixture
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """A URL on the suite's own Redis; each test has its own key prefix instead of a flush."""
+    need_redis()
+    proc = request.getfixturevalue("shared_redis")
+    return f"redis://{proc.host}:{proc.port}/0"
+
+
+@pytest.fixture
+def redis_prefix(request: pytest.FixtureRequest) -> str:
+    """A key prefix no other test uses."""
+    return f"test:{request.node.name}:{os.getpid()}:"
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisExecutor]:
+    """A Redis of this test's own, to stop, kill and restart; it keeps an AOF."""
+    executor = RedisExecutor(
+        need_redis(), databases=1, redis_timeout=30, loglevel="warning", host="127.0.0.1", port=free_port(),
+        appendonly="yes", datadir=tmp_path,
+    )  # fmt: skip
+    executor.start()
+    yield executor
+    if executor.running():
+        os.kill(executor.process.pid, signal.SIGCONT)  # type: ignore[union-attr]
+        executor.stop()

@@ -23,6 +23,8 @@ def defaults(instance_path: str) -> dict[str, Any]:
         "REDIS_URL": None,
         # Seconds to wait for Redis before answering 503 (connect and each reply).
         "REDIS_TIMEOUT": 2.0,
+        # Every key Tally writes starts with this, so one Redis can serve several apps.
+        "REDIS_PREFIX": "tally:",
         # A session not written for this long reads as new (counter 0).
         "PERMANENT_SESSION_LIFETIME": timedelta(days=31),
         # Stock Flask rewrites the session on every request; a slow read would
