@@ -1,52 +1,40 @@
-"""Storage faults: one warning when one starts and one line when it clears, not one per request."""
+"""Storage faults: one warning per fault, not one per request."""
 
 from __future__ import annotations
 
 import logging
 import threading
-
-from flask import Flask, Response
+import time
 
 from .store import StorageError
 
 log = logging.getLogger(__name__)
 
+#: A fault of the same kind within this many seconds of the last is the same fault.
+QUIET_SECONDS = 60.0
+
 
 class FaultLog:
-    """Remembers this process's current storage fault, so each is logged once."""
+    """Logs a storage fault when it starts, and again only after a quiet spell.
+
+    A full disk fails new sessions while existing ones still write in place,
+    so failures and successes interleave; a "cleared" line would flap, so the
+    start of each fault is what is logged (``/healthz`` and the metrics show
+    the rest).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        #: The kind of the fault now in progress, if any.
-        self.current: str | None = None
+        self._last: dict[str, float] = {}
 
     def failed(self, exc: StorageError) -> None:
-        """Note a failed storage operation; log it if it is a new fault."""
+        """Note a failed storage operation; log it if it starts a fault."""
+        now = time.monotonic()
         with self._lock:
-            if self.current == exc.kind:
-                return
-            self.current = exc.kind
-        log.warning("storage fault (%s): %s; answering %d until it clears", exc.kind, exc.message, exc.status)
-
-    def succeeded(self) -> None:
-        """Note a request that the store served; log the end of a fault."""
-        if self.current is None:  # the common case, without the lock
-            return
-        with self._lock:
-            ended, self.current = self.current, None
-        if ended:
-            log.warning("storage fault (%s) cleared; serving again", ended)
+            last = self._last.get(exc.kind)
+            self._last[exc.kind] = now
+        if last is None or now - last > QUIET_SECONDS:
+            log.warning("storage fault (%s): %s; answering %d until it clears", exc.kind, exc.message, exc.status)
 
 
 faults = FaultLog()
-
-
-def _after(response: Response) -> Response:
-    if response.status_code < 500:
-        faults.succeeded()
-    return response
-
-
-def init_app(app: Flask) -> None:
-    """Watch every answer for the end of a fault."""
-    app.after_request(_after)

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, request
+from werkzeug.exceptions import MethodNotAllowed
 
 from . import counter, render
 
 bp = Blueprint("counter", __name__)
 
 ANY = ["GET", "POST"]
+#: Routes whose GET changes something.  Flask answers HEAD wherever it
+#: answers GET, but a HEAD must never change anything.
+_CHANGING_ON_GET = {"counter.index", "counter.inc", "counter.dec", "counter.global_inc"}
+
+
+@bp.before_app_request
+def refuse_changing_head() -> None:
+    """Answer 405 to a HEAD that would change a counter."""
+    if request.method == "HEAD" and request.endpoint in _CHANGING_ON_GET:
+        raise MethodNotAllowed(ANY, "HEAD would change the counter; use GET or POST")
 
 
 @bp.route("/", methods=ANY)

@@ -23,6 +23,7 @@ replaces the IO:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -135,11 +136,16 @@ class RecordFileCache(FileSystemCache):
 
     def __init__(self, cache_dir: str, default_timeout: int = 0, fsync: bool = False) -> None:
         # cachelib creates the folder with the umask's mode; sessions are
-        # credentials, so the folder is the owner's alone.
-        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+        # credentials, so the folder is the owner's alone.  An unusable folder
+        # (a mount not there yet) must not stop the service from starting:
+        # requests answer 503 until it is usable, and writes create it.
+        with contextlib.suppress(OSError):
+            os.makedirs(cache_dir, mode=0o700, exist_ok=True)
         # threshold=0: cachelib's pruning evicts live sessions and reads every
-        # file on every write once over the threshold.
-        super().__init__(cache_dir, threshold=0, default_timeout=default_timeout, mode=0o600)
+        # file on every write once over the threshold.  With it, cachelib's
+        # constructor does nothing after the makedirs that may fail here.
+        with contextlib.suppress(OSError):
+            super().__init__(cache_dir, threshold=0, default_timeout=default_timeout, mode=0o600)
         self.fsync = fsync
         #: Called when a writer has to wait for another writer's lock.
         self.on_lock_wait: Callable[[], None] = lambda: None
@@ -155,7 +161,10 @@ class RecordFileCache(FileSystemCache):
             try:
                 fd = os.open(path, flags, self._mode)
             except FileNotFoundError:
-                return None
+                if not create:
+                    return None
+                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)  # deleted or never made
+                continue
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -317,7 +326,11 @@ class RecordFileCache(FileSystemCache):
 
     def session_files(self) -> Iterator[os.DirEntry[str]]:
         """Yield the folder's session files (not the global counter, not temp files)."""
-        with os.scandir(self._path) as entries:
+        try:
+            entries = os.scandir(self._path)
+        except FileNotFoundError:
+            return
+        with entries:
             for entry in entries:
                 if _SESSION_NAME.fullmatch(entry.name):
                     yield entry
@@ -329,10 +342,7 @@ class FileStore(Store):
     name = "files"
 
     def __init__(self, folder: str, fsync: bool = False) -> None:
-        try:
-            self.cache = RecordFileCache(folder, fsync=fsync)
-        except OSError as exc:
-            raise storage_error(exc) from exc
+        self.cache = RecordFileCache(folder, fsync=fsync)
         self.folder = folder
         self._global = os.path.join(folder, GLOBAL_FILE)
 

@@ -1,0 +1,105 @@
+"""Storage failures get a clear 503/507, change nothing, and clear by themselves."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+
+from conftest import unavailable
+from tally import create_app
+from tally.store.files import storage_error
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 256 KiB tmpfs."""
+    if os.geteuid() != 0:
+        unavailable("mounting a small tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.fixture
+def disk_app(small_disk: Path, tmp_path: Path) -> Flask:
+    return create_app({"SESSION_DIR": str(small_disk / "sessions"), "SECRET_KEY": "k"}, instance_path=str(tmp_path))
+
+
+def fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_full_disk_is_a_507_that_claims_nothing_and_clears_by_itself(
+    disk_app: Flask, small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    existing = disk_app.test_client()
+    assert existing.get("/inc?by=2").text == "counter is 2"
+    filler = fill(small_disk)
+    with caplog.at_level(logging.WARNING, logger="tally"):
+        for _ in range(20):
+            newcomer = disk_app.test_client()
+            response = newcomer.get("/inc")
+            assert response.status_code == 507
+            assert response.headers["Retry-After"]
+            assert "disk is full" in response.text and "counter is" not in response.text
+            assert "Set-Cookie" not in response.headers
+            assert newcomer.get("/counter").text == "counter is 0"
+    assert len([r for r in caplog.records if "storage fault" in r.message]) == 1, "one warning per fault"
+    # Sessions that already have their block keep counting on a full disk.
+    assert existing.get("/inc").text == "counter is 3"
+    filler.unlink()
+    assert disk_app.test_client().get("/inc").text == "counter is 1"
+    assert existing.get("/counter").text == "counter is 3"
+
+
+def test_a_read_only_filesystem_is_a_503_and_reads_still_work(disk_app: Flask, small_disk: Path) -> None:
+    client = disk_app.test_client()
+    client.get("/inc?by=4")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    try:
+        response = client.get("/inc", headers={"Accept": "application/json"})
+        assert response.status_code == 503 and response.headers["Retry-After"]
+        assert "read-only" in response.json["error"]
+        assert client.get("/counter").text == "counter is 4"
+        assert client.get("/global/inc").status_code == 503
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    assert client.get("/inc").text == "counter is 5"
+
+
+@pytest.mark.parametrize(
+    ("code", "kind", "status"),
+    [(errno.EACCES, "permission", 503), (errno.EPERM, "permission", 503), (errno.EDQUOT, "disk_full", 507),
+     (errno.EIO, "io_error", 503)],
+)  # fmt: skip
+def test_each_os_error_has_a_kind_and_a_status(code: int, kind: str, status: int) -> None:
+    # Root ignores file permissions, so EACCES cannot be provoked here for real.
+    error = storage_error(OSError(code, os.strerror(code)))
+    assert (error.kind, error.status) == (kind, status)
+    assert error.message
+
+
+def test_an_unusable_session_folder_fails_requests_not_startup(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    app = create_app({"SESSION_DIR": str(blocker / "sessions"), "SECRET_KEY": "k"}, instance_path=str(tmp_path))
+    response = app.test_client().get("/inc")
+    assert response.status_code == 503 and "counter is" not in response.text
+    blocker.unlink()
+    assert app.test_client().get("/inc").text == "counter is 1", "it recovers once the folder can be made"
