@@ -173,10 +173,13 @@ def serve(tmp_path: Path) -> Iterator[ServerFactory]:
             "TALLY_INSTANCE_PATH": str(tmp_path / "instance"),
             "TALLY_SECRET_KEY": "test",
             "TALLY_SESSION_DIR": str(tmp_path / "sessions"),
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{port}"),
             **{f"TALLY_{k.upper()}": v for k, v in settings.items()},
         }
         log = tmp_path / f"gunicorn-{port}.log"
-        command = [sys.executable, "-m", "gunicorn", "--workers", str(workers), "--threads", str(threads)]
+        (tmp_path / f"metrics-{port}").mkdir()
+        command = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"]
+        command += ["--workers", str(workers), "--threads", str(threads)]
         command += ["--bind", f"127.0.0.1:{port}", "--timeout", "60", "run:app"]
         with log.open("wb") as out:
             proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -241,3 +244,15 @@ def own_redis(tmp_path: Path) -> Iterator[RedisExecutor]:
     if executor.running():
         os.kill(executor.process.pid, signal.SIGCONT)  # type: ignore[union-attr]
         executor.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 256 KiB tmpfs."""
+    if os.geteuid() != 0:
+        unavailable("mounting a small tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)

@@ -8,7 +8,7 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import cli, config, render, security, sessions, views
+from . import cli, config, faults, metrics, ops, render, security, sessions, views
 from .store import make_store
 
 
@@ -23,8 +23,11 @@ def create_app(test_config: dict[str, Any] | None = None, instance_path: str | N
     app.before_request(sessions.raise_load_failure)
 
     security.init_app(app)
+    faults.init_app(app)
     render.init_app(app)
     app.register_blueprint(views.bp)
+    app.register_blueprint(ops.bp)
+    metrics.init_app(app)
     cli.init_app(app)
 
     proxies = int(app.config["PROXY_COUNT"])

@@ -6,6 +6,9 @@ import logging
 import threading
 import time
 
+from flask import Flask, current_app
+
+from .metrics import storage_failed
 from .store import StorageError
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,7 @@ class FaultLog:
 
     def failed(self, exc: StorageError) -> None:
         """Note a failed storage operation; log it if it starts a fault."""
+        storage_failed(exc)
         now = time.monotonic()
         with self._lock:
             last = self._last.get(exc.kind)
@@ -37,4 +41,11 @@ class FaultLog:
             log.warning("storage fault (%s): %s; answering %d until it clears", exc.kind, exc.message, exc.status)
 
 
-faults = FaultLog()
+def report(exc: StorageError) -> None:
+    """Count and, at the start of a fault, log a failed storage operation."""
+    current_app.extensions["tally.faults"].failed(exc)
+
+
+def init_app(app: Flask) -> None:
+    """Give the app its own fault log."""
+    app.extensions["tally.faults"] = FaultLog()

@@ -9,7 +9,7 @@ from flask import Flask, Response, jsonify, make_response, redirect, render_temp
 from werkzeug.exceptions import HTTPException
 
 from . import counter
-from .faults import faults
+from .faults import report
 from .store import StorageError
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def _http_error(exc: HTTPException) -> Response | HTTPException:
 
 
 def _storage_error(exc: StorageError) -> Response:
-    faults.failed(exc)
+    report(exc)
     return error(exc.status, exc.message, {"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 

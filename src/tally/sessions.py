@@ -64,6 +64,8 @@ class TallySessionInterface(ServerSideSessionInterface):
         # No app is kept on the interface: it serves whichever app calls it.
         super().__init__(None, key_prefix=key_prefix, permanent=True, sid_length=32)  # type: ignore[arg-type]
         self.store = store
+        #: Called when a new session is first stored.
+        self.on_created: Callable[[], None] = lambda: None
 
     @staticmethod
     def _ttl(app: Flask) -> int:
@@ -84,6 +86,7 @@ class TallySessionInterface(ServerSideSessionInterface):
         # An unknown id is never adopted: that would allow session fixation.
         fresh = self.session_class(sid=self._generate_sid(self.sid_length), permanent=self.permanent)
         fresh.failure = failure
+        fresh.new = True
         return fresh
 
     def update(self, app: Flask, session: TallySession, change: Callable[[Record], Record]) -> Record:
@@ -98,6 +101,8 @@ class TallySessionInterface(ServerSideSessionInterface):
         if session.failure:
             raise session.failure  # never write over a session we could not read
         record = self.store.update(self._get_store_id(session.sid), stamped, self._ttl(app))
+        if session.new and not session.stored:
+            self.on_created()
         session.replace(record)
         return record
 

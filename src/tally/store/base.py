@@ -92,6 +92,10 @@ class Store(ABC):
 
     #: Short name for logs, metrics and ``/healthz``.
     name: str = "store"
+    #: Called when a same-session update had to wait for or redo its work.
+    on_contention: Callable[[], None] = staticmethod(lambda: None)
+    #: Called with the hashed id of a session whose stored data was corrupt.
+    on_corrupt: Callable[[str], None] = staticmethod(lambda hashed: None)
 
     @abstractmethod
     def load(self, key: str) -> Record | None:

@@ -58,6 +58,8 @@ SLOT_SIZE = 512
 MAX_PAYLOAD = SLOT_SIZE - _HEADER.size
 _SESSION_NAME = re.compile(r"[0-9a-f]{64}")
 GLOBAL_FILE = "global"
+#: Below this much free space, /healthz reports the disk as full.
+MIN_FREE_BYTES = 64 * 1024
 QUARANTINE_DIR = "quarantine"
 
 log = logging.getLogger(__name__)
@@ -343,6 +345,8 @@ class FileStore(Store):
 
     def __init__(self, folder: str, fsync: bool = False) -> None:
         self.cache = RecordFileCache(folder, fsync=fsync)
+        self.cache.on_lock_wait = lambda: self.on_contention()
+        self.cache.on_quarantine = lambda path, raw: self.on_corrupt(describe(path))
         self.folder = folder
         self._global = os.path.join(folder, GLOBAL_FILE)
 
@@ -385,7 +389,15 @@ class FileStore(Store):
             return None
 
     def check(self) -> None:
+        # The in-place write proves the folder writable; it does not need a
+        # new block, so free space is checked apart: new sessions need it.
         self.cache.update_path(os.path.join(self.folder, "healthz"), lambda r: {"at": time.time()}, 0)
+        try:
+            fs = os.statvfs(self.folder)
+        except OSError as exc:
+            raise storage_error(exc) from exc
+        if fs.f_bavail * fs.f_frsize < MIN_FREE_BYTES:
+            raise storage_error(OSError(errno.ENOSPC, "no space left"))
 
     def prune(self, progress: Callable[[PruneReport], None] | None = None) -> PruneReport:
         report = PruneReport()

@@ -84,10 +84,6 @@ class RedisStore(Store):
         self._global = prefix + "global"
         self._cas = self.client.register_script(_CAS)
         self._incr = self.client.register_script(_INCR)
-        #: Called each time a transaction lost a race and is retried.
-        self.on_retry: Callable[[], None] = lambda: None
-        #: Called with the hashed key of corrupt data that was deleted.
-        self.on_corrupt: Callable[[str], None] = lambda key: None
 
     def _key(self, key: str) -> str:
         return self._session_prefix + key
@@ -134,7 +130,7 @@ class RedisStore(Store):
                 return record
             if done == -1:
                 raise StorageError("unavailable", "Redis answered too late", 503)
-            self.on_retry()
+            self.on_contention()
         raise StorageError("contention", "too many concurrent updates of one session", 503)
 
     def delete(self, key: str) -> None:

@@ -1,0 +1,72 @@
+"""Prometheus metrics, correct across gunicorn's worker processes.
+
+Each worker has its own memory, so in multiprocess mode (the environment
+variable ``PROMETHEUS_MULTIPROC_DIR``, set by gunicorn.conf.py) every worker
+writes its samples to files there and ``/metrics`` sums them.  Without it
+(the development server) the process's own registry is served.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from flask import Flask, Response, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+
+from .sessions import TallySessionInterface
+from .store import StorageError
+
+REQUESTS = Counter("tally_requests_total", "Requests answered.", ["route", "method", "status"])
+LATENCY = Histogram(
+    "tally_request_duration_seconds",
+    "Time to answer a request.",
+    ["route"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+CONTENTION = Counter(
+    "tally_session_contention_total", "Same-session updates that waited for a lock or retried.", ["store"]
+)
+STORAGE_ERRORS = Counter("tally_storage_errors_total", "Storage operations that failed, by kind.", ["kind"])
+CORRUPT = Counter("tally_corrupt_sessions_total", "Corrupt stored sessions set aside.", ["store"])
+CREATED = Counter("tally_sessions_created_total", "New sessions stored.")
+
+
+def storage_failed(exc: StorageError) -> None:
+    """Count a failed storage operation."""
+    STORAGE_ERRORS.labels(exc.kind).inc()
+
+
+def _started() -> None:
+    g.tally_started = time.perf_counter()
+
+
+def _observe(response: Response) -> Response:
+    # The rule, not the path: paths are unbounded, and would be labels.
+    route = request.url_rule.rule if request.url_rule else "unmatched"
+    REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+    started = g.get("tally_started")
+    if started is not None:
+        LATENCY.labels(route).observe(time.perf_counter() - started)
+    return response
+
+
+def exposition() -> Response:
+    """The metrics in Prometheus's text format."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+
+
+def init_app(app: Flask) -> None:
+    """Time and count every request, and watch the store."""
+    app.before_request(_started)
+    app.after_request(_observe)
+    interface = app.session_interface
+    assert isinstance(interface, TallySessionInterface)
+    store = interface.store
+    store.on_contention = CONTENTION.labels(store.name).inc
+    store.on_corrupt = lambda hashed: CORRUPT.labels(store.name).inc()
+    interface.on_created = CREATED.inc
