@@ -34,3 +34,11 @@ async function submit(event) {
 for (const form of document.querySelectorAll("form[data-update]")) {
   form.addEventListener("submit", submit);
 }
+
+// Keep the buttons saying what they will do: "+5" and "−5" for a step of 5.
+const step = document.getElementById("by");
+step.addEventListener("input", () => {
+  const n = step.value.replace(/^[-+]/, "") || "1";
+  document.getElementById("plus").textContent = `+${n}`;
+  document.getElementById("minus").textContent = `\u2212${n}`;
+});
