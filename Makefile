@@ -15,6 +15,10 @@ $(VENV)/.installed-run: $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet --editable '.[redis]'
 	touch $@
 
+$(VENV)/.installed-bench: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install --quiet --editable '.[bench]'
+	touch $@
+
 $(VENV)/.installed-test: $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet --editable '.[test]'
 	touch $@
@@ -24,6 +28,10 @@ run: $(VENV)/.installed-run
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Needs wrk and redis-server (apt-get install -y wrk redis-server). BENCH_ARGS="--scale ''" skips the 1M-session run.
+bench: $(VENV)/.installed-bench
+	$(BIN)/python bench/harness.py $(BENCH_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -1,0 +1,289 @@
+"""``make bench``: Tally against stock Flask-Session and the no-session ceiling.
+
+Every system runs under gunicorn with the same workers and threads.  Runs
+alternate between systems, round after round, so a noisy machine slows all of
+them alike; the table shows medians and ratios, which is what holds on a shared
+2-core machine.  Results go to docs/benchmarks.md and docs/benchmarks.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from multiprocessing import Pool
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class System:
+    """One app under gunicorn."""
+
+    name: str
+    target: str
+    env: dict[str, str]
+    sessions: bool = True
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    runs: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, workers: int, threads: int) -> None:
+        self.port = free_port()
+        # An explicit config: from the project root gunicorn would read Tally's own.
+        command = [sys.executable, "-m", "gunicorn", "--config", str(BENCH / "gunicorn_bench.py")]
+        command += ["--workers", str(workers)]
+        if self.target.startswith("apps:"):
+            command += ["--pythonpath", str(BENCH)]
+        command += ["--threads", str(threads), "--bind", f"127.0.0.1:{self.port}"]
+        env = {**os.environ, **self.env, "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="bench-metrics-")}
+        self.proc = subprocess.Popen([*command, self.target], cwd=ROOT, env=env)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(self.url + "/counter", timeout=1).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not start")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(15)
+
+    def worker_rss(self) -> int:
+        """The workers' resident memory, in bytes."""
+        assert self.proc
+        pids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        total = 0
+        for pid in pids:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        return total
+
+
+def wrk(url: str, seconds: float, connections: int, cookie: str | None = None) -> dict[str, float]:
+    """Run wrk with a connection per thread, so the Lua cookie jar is per connection."""
+    env = {**os.environ, "BENCH_PATH": "/inc"}
+    if cookie:
+        env["BENCH_COOKIE"] = cookie
+    command = ["wrk", "-t", str(connections), "-c", str(connections), "-d", f"{round(seconds)}s", "--latency"]
+    command += ["-s", str(BENCH / "session.lua"), url]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("BENCH "))
+    result = json.loads(line[len("BENCH ") :])
+    result["rps"] = result["requests"] / result["seconds"]
+    return result
+
+
+def counter(system: System, cookie: str) -> int:
+    return int(requests.get(system.url + "/counter", cookies={"session": cookie}, timeout=10).text.split()[-1])
+
+
+def run_once(system: System, mode: str, seconds: float, connections: int) -> dict[str, float]:
+    if mode == "many":
+        return wrk(system.url, seconds, connections)
+    cookie = requests.get(system.url + "/inc", timeout=10).cookies["session"]
+    before = counter(system, cookie)
+    result = wrk(system.url, seconds, connections, cookie)
+    time.sleep(0.2)  # let requests cut off at the end land
+    counted = counter(system, cookie) - before
+    result["lost"] = max(0, result["requests"] - result["failed"] - counted)
+    return result
+
+
+def _populate(args: tuple[str, int, int, int]) -> None:
+    from tally.store.files import RecordFileCache
+
+    folder, start, stop, ttl_live = args
+    cache = RecordFileCache(folder)
+    for i in range(start, stop):
+        # Every other session is already expired, so prune has work to do.
+        ttl = ttl_live if i % 2 else -1
+        record = {"counter": i, "_permanent": True}
+        cache.update_path(cache.path_for("session:" + secrets.token_urlsafe(32)), lambda r, new=record: new, ttl)
+
+
+def populate(folder: str, have: int, want: int) -> None:
+    """Write sessions straight into the file store, not over HTTP."""
+    step = 20_000
+    chunks = [(folder, a, min(a + step, want), 86_400) for a in range(have, want, step)]
+    with Pool(2) as pool:
+        pool.map(_populate, chunks)
+
+
+def median(runs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument(
+        "--scale", default="1000,100000,1000000", help="stored sessions for the scale runs ('' to skip)"
+    )
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="tally-bench-", dir=os.environ.get("BENCH_DIR")))
+    redis_port = free_port()
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    redis_proc = subprocess.Popen(
+        ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no", "--dir", str(work)],
+        stdout=subprocess.DEVNULL,
+    )
+    tally = {"TALLY_INSTANCE_PATH": str(work / "instance"), "TALLY_SECRET_KEY": "bench"}
+    systems = [
+        System("Tally, files", "run:app", {**tally, "TALLY_SESSION_DIR": str(work / "tally-files")}),
+        System("stock, files", "apps:stock()", {"BENCH_STORE": "files", "BENCH_SESSION_DIR": str(work / "stock")}),
+        System("Tally, Redis", "run:app", {**tally, "TALLY_REDIS_URL": redis_url}),
+        System("stock, Redis", "apps:stock()", {"BENCH_STORE": "redis", "BENCH_REDIS_URL": redis_url}),
+        System("Flask, no session", "apps:ceiling()", {}, sessions=False),
+    ]
+    try:
+        time.sleep(0.5)
+        for system in systems:
+            system.start(args.workers, args.threads)
+            wrk(system.url, 1, args.connections)  # warm up
+        for round_ in range(args.rounds):
+            order = systems[round_ % len(systems) :] + systems[: round_ % len(systems)]
+            for system in order:
+                for mode in ("many", "shared") if system.sessions else ("many",):
+                    result = run_once(system, mode, args.seconds, args.connections)
+                    system.runs.setdefault(mode, []).append(result)
+                    print(f"round {round_ + 1} {system.name:18} {mode:6} {result['rps']:8.0f} req/s", flush=True)
+        scale = run_scale(systems[0], work, args) if args.scale else []
+    finally:
+        for system in systems:
+            system.stop()
+        redis_proc.terminate()
+        redis_proc.wait()
+    write_report(systems, scale, args)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def run_scale(system: System, work: Path, args: argparse.Namespace) -> list[dict[str, float]]:
+    """p99 and worker RSS with many sessions stored, and the prune of the largest store."""
+    rows = []
+    have = 0
+    folder = system.env["TALLY_SESSION_DIR"]
+    for size in [int(s) for s in args.scale.split(",")]:
+        began = time.monotonic()
+        populate(folder, have, size)
+        have = size
+        print(f"stored {size} sessions in {time.monotonic() - began:.0f}s", flush=True)
+        system.stop()
+        system.start(args.workers, args.threads)
+        wrk(system.url, 1, args.connections)
+        runs = [wrk(system.url, args.seconds, args.connections) for _ in range(args.rounds)]
+        rows.append(
+            {"sessions": size, "rps": median(runs, "rps"), "p99_us": median(runs, "p99_us"), "rss": system.worker_rss()}
+        )
+    env = {**os.environ, **system.env}
+    began = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "run", "sessions", "prune"], cwd=ROOT, env=env, capture_output=True,
+        text=True, check=True,
+    ).stdout  # fmt: skip
+    rows[-1]["prune_seconds"] = time.monotonic() - began
+    rows[-1]["prune_output"] = out.strip()  # type: ignore[assignment]
+    return rows
+
+
+def write_report(systems: list[System], scale: list[dict[str, float]], args: argparse.Namespace) -> None:
+    by_name = {s.name: s for s in systems}
+    ceiling = median(by_name["Flask, no session"].runs["many"], "rps")
+    lines = [
+        "# Benchmarks",
+        "",
+        f"`make bench` on this machine ({os.cpu_count()} cores, shared and noisy): gunicorn with "
+        f"{args.workers} workers and {args.threads} threads for every system, wrk with {args.connections} connections "
+        f"on `GET /inc`, {args.rounds} rounds of {args.seconds:g} s alternating between systems; medians. "
+        "*many*: each connection has its own cookie. *shared*: all connections send one cookie; "
+        "*lost* counts increments answered 200 that the counter does not show.",
+        "",
+        "| system | mode | req/s | p50 ms | p99 ms | lost | × stock | × ceiling |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for system in systems:
+        for mode, runs in system.runs.items():
+            rps = median(runs, "rps")
+            store = "files" if "files" in system.name else "Redis"
+            stock = by_name.get(f"stock, {store}")
+            versus = f"{rps / median(stock.runs[mode], 'rps'):.2f}" if stock and system.sessions else ""
+            lost = f"{sum(r.get('lost', 0) for r in runs):.0f} of {sum(r['requests'] for r in runs):.0f}"
+            lines.append(
+                f"| {system.name} | {mode} | {rps:.0f} | {median(runs, 'p50_us') / 1000:.2f} | "
+                f"{median(runs, 'p99_us') / 1000:.2f} | {lost if mode == 'shared' else ''} | {versus} | "
+                f"{rps / ceiling:.2f} |"
+            )
+    if scale:
+        lines += ["", "## With many sessions stored (Tally, files)", ""]
+        lines += ["| sessions stored | req/s | p99 ms | workers' RSS MiB |", "|---:|---:|---:|---:|"]
+        for row in scale:
+            lines.append(
+                f"| {row['sessions']:,} | {row['rps']:.0f} | {row['p99_us'] / 1000:.2f} | {row['rss'] / 2**20:.0f} |"
+            )
+        last = scale[-1]
+        lines += ["", f"`flask sessions prune` over {last['sessions']:,} stored sessions (half expired) took "
+                  f"{last['prune_seconds']:.1f} s: `{last['prune_output']}`"]  # fmt: skip
+    Path(args.out + ".md").parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    plot(systems, ceiling, args.out + ".png")
+    print("\n".join(lines))
+
+
+def plot(systems: list[System], ceiling: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
+    names = [s.name for s in systems]
+    for offset, mode, colour in ((-0.2, "many", "#2a6"), (0.2, "shared", "#e83")):
+        values = [median(s.runs[mode], "rps") if mode in s.runs else 0 for s in systems]
+        ax.bar([i + offset for i in range(len(names))], values, width=0.4, label=f"{mode} cookies", color=colour)
+    ax.axhline(ceiling, color="grey", linestyle="--", linewidth=1, label="no-session ceiling")
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set_ylabel("requests per second (GET /inc)")
+    ax.set_title("Tally vs stock Flask-Session (higher is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main()
