@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -229,7 +230,8 @@ def redis_url(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def redis_prefix(request: pytest.FixtureRequest) -> str:
     """A key prefix no other test uses."""
-    return f"test:{request.node.name}:{os.getpid()}:"
+    # Hashed: a parametrized name's [brackets] would be a pattern to KEYS.
+    return "test:" + hashlib.sha256(f"{request.node.nodeid}:{os.getpid()}".encode()).hexdigest()[:16] + ":"
 
 
 @pytest.fixture

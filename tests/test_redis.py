@@ -47,31 +47,54 @@ def test_sessions_live_in_redis_with_the_session_lifetime_as_ttl(redis_app, redi
     [key] = direct.keys(redis_prefix + "session:*")
     assert 1000 < direct.pttl(key) <= 2000
     time.sleep(0.6)
-    before = direct.get(key), direct.pttl(key)
+    before = direct.hgetall(key), direct.pttl(key)
+    assert before[0][b"counter"] == b"1"
     assert client.get("/counter").text == "counter is 1"
-    assert direct.get(key) == before[0] and direct.pttl(key) <= before[1], "a read neither writes nor refreshes"
+    assert direct.hgetall(key) == before[0] and direct.pttl(key) <= before[1], "a read neither writes nor refreshes"
     client.get("/inc")
     assert direct.pttl(key) > before[1], "a write refreshes the TTL"
     time.sleep(2.1)
-    assert direct.get(key) is None
+    assert not direct.exists(key)
     assert client.get("/counter").text == "counter is 0"
     direct.close()
 
 
-def test_corrupt_bytes_in_redis_are_deleted_and_the_client_starts_afresh(  # type: ignore[no-untyped-def]
-    redis_app, redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("damage", "deleted"),
+    [
+        (lambda r, key: r.set(key, b"\x80\x04\x95garbage that pickle would love"), True),
+        (lambda r, key: r.hset(key, "counter", b"\xff\xfe not json"), True),
+        # Valid JSON but not an integer: read as 0, and the next increment repairs it.
+        (lambda r, key: r.hset(key, "counter", b'"seven"'), False),
+    ],
+    ids=["not-a-hash", "not-json", "not-an-integer"],
+)
+def test_corrupt_data_in_redis_never_gives_a_5xx(  # type: ignore[no-untyped-def]
+    redis_app, redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture, damage, deleted: bool
 ) -> None:
     client = redis_app.test_client()
     client.get("/inc?by=3")
     direct = redis.Redis.from_url(redis_url)
     [key] = direct.keys(redis_prefix + "session:*")
-    direct.set(key, b"\x80\x04\x95garbage that pickle would love")
+    damage(direct, key)
     with caplog.at_level(logging.WARNING):
         assert client.get("/counter").text == "counter is 0"
-    assert direct.get(key) is None
-    assert "corrupt session" in caplog.text
+    assert ("corrupt session" in caplog.text) is deleted
+    assert (not direct.exists(key)) is deleted
     assert client.get_cookie("session").value not in caplog.text  # type: ignore[union-attr]
+    assert client.get("/inc").text == "counter is 1"
+    assert client.get("/inc").text == "counter is 2"
     direct.close()
+
+
+def test_the_full_64_bit_range_is_exact_on_redis(redis_app) -> None:  # type: ignore[no-untyped-def]
+    client = redis_app.test_client()
+    top = 2**63 - 1
+    assert client.get(f"/inc?by={top - 1}").text == f"counter is {top - 1}"
+    assert client.get("/inc").text == f"counter is {top}"
+    assert client.get("/inc").status_code == 400
+    assert client.get("/counter").text == f"counter is {top}"
+    assert client.get(f"/dec?by={top}").text == "counter is 0"
 
 
 def test_two_instances_share_one_cookie_without_losing_updates(  # type: ignore[no-untyped-def]

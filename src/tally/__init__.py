@@ -20,7 +20,6 @@ def create_app(test_config: dict[str, Any] | None = None, instance_path: str | N
 
     store = make_store(app.config)
     app.session_interface = sessions.TallySessionInterface(store, app.config["SESSION_KEY_PREFIX"])
-    app.before_request(sessions.raise_load_failure)
 
     security.init_app(app)
     faults.init_app(app)

@@ -9,10 +9,9 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import BadRequest
 
 from .sessions import TallySession, TallySessionInterface
-from .store import Record, Store
+from .store import INT64_MAX, INT64_MIN, OutOfRange, Store
+from .store.base import integer_field
 
-INT64_MIN = -(2**63)
-INT64_MAX = 2**63 - 1
 #: ASCII digits only: int() would also take "1_000", " 7" and "٣".
 _INTEGER = re.compile(r"[+-]?[0-9]{1,20}")
 
@@ -30,12 +29,6 @@ def parse_step(values: MultiDict[str, str]) -> int:
     if not INT64_MIN <= step <= INT64_MAX:
         raise BadRequest("'by' must fit in a signed 64-bit integer")
     return step
-
-
-def _value(record: Record) -> int:
-    value = record.get("counter", 0)
-    # bool is an int; anything else not an int is not ours to trust.
-    return value if type(value) is int else 0
 
 
 def _interface() -> TallySessionInterface:
@@ -56,28 +49,21 @@ def store() -> Store:
 
 
 def read() -> int:
-    """Return this client's counter, as loaded; never writes."""
-    return _value(_session())
+    """Return this client's counter; never writes."""
+    return integer_field(_session(), "counter")
 
 
 def add(step: int) -> int:
     """Atomically add ``step`` to this client's counter and return the new value."""
-
-    def change(record: Record) -> Record:
-        value = _value(record) + step
-        if not INT64_MIN <= value <= INT64_MAX:
-            raise BadRequest("the counter would leave the signed 64-bit range; it is unchanged")
-        return record | {"counter": value}
-
-    return _value(_interface().update(current_app, _session(), change))
+    try:
+        return _interface().add(current_app, _session(), "counter", step)
+    except OutOfRange as exc:
+        raise BadRequest("the counter would leave the signed 64-bit range; it is unchanged") from exc
 
 
 def reset() -> None:
-    """Set this client's counter to 0."""
-    current = _session()
-    if not current.loaded.get("counter"):
-        return  # nothing stored, or already 0: a write would change nothing
-    _interface().update(current_app, current, lambda record: record | {"counter": 0})
+    """Set this client's counter to 0; a client with no stored session has nothing to reset."""
+    _interface().update(current_app, _session(), lambda record: record | {"counter": 0}, create=False)
 
 
 def read_global() -> int:

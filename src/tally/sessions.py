@@ -1,64 +1,109 @@
 """Flask-Session's server-side sessions, on a :class:`~tally.store.Store`, without lost updates.
 
 Stock Flask-Session loads the whole session when a request starts and writes
-the whole session back when it ends; two overlapping requests each write
-what they read, and one of the updates is lost.  It also rewrites the session
-on every request, so a slow read undoes a concurrent write.  Here:
+the whole session back when it ends; two overlapping requests each write what
+they read, and one of the updates is lost.  It also rewrites the session on
+every request, so a slow read undoes a concurrent write.  Here:
 
-* a read never writes;
-* a change that depends on the stored value goes through :meth:`update`, one
-  atomic read-modify-write in the store, and the request's session is then
-  brought in line with what was stored;
+* a session is loaded only when the request reads it, and a read never writes;
+* a change to the counter is one atomic operation in the store
+  (:meth:`TallySessionInterface.add`), with no load before it;
 * anything else a view sets on ``session`` is merged at the end of the request
-  as a diff against what was loaded, so it cannot undo concurrent updates to
-  keys the view did not touch.
+  as a diff against what was loaded, in one atomic read-modify-write, so it
+  cannot undo concurrent updates to keys the view did not touch.
+
+A cookie's id is used only while the store has that session: writes to it are
+made with ``create=False``, and an unknown id is replaced by a fresh one (a
+client never chooses its session id).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from flask import Flask, Request, session
+from flask import Flask, Request, Response
 from flask_session.base import ServerSideSession, ServerSideSessionInterface
 
-from .store import Record, StorageError, Store
+from .store import Record, Store
 
 #: Flask-Session's ids are ``secrets.token_urlsafe(32)``: 43 URL-safe chars.
 #: Anything else (huge, odd charset, path-looking) is treated as no cookie.
 _SID = re.compile(r"[A-Za-z0-9_-]{43}")
 
+Loader = Callable[[], Record | None]
+
 
 class TallySession(ServerSideSession):
-    """A session that knows what the store held and whether it wrote it."""
+    """A session that loads on first use and knows what it stored."""
 
-    def __init__(self, initial: Record | None = None, sid: str | None = None, permanent: bool | None = None) -> None:
-        super().__init__(initial, sid, permanent)
+    def __init__(self, sid: str, loader: Loader | None = None) -> None:
+        self._loader: Loader | None = None
+        # Every Tally session is permanent (its cookie expires with it), so the
+        # "_permanent" key that Flask keeps in the mapping is not stored.
+        super().__init__(None, sid)
         #: The record as the store last had it during this request.
-        self.loaded: Record = dict(self)
+        self.loaded: Record = {}
         #: True once this request stored the session, so the cookie is sent.
         self.stored = False
-        #: Why the stored session could not be loaded, raised again by
-        #: :func:`raise_load_failure` where Flask's error handlers apply.
-        self.failure: StorageError | None = None
+        #: True when the id is ours, not yet stored; False while it is the cookie's.
+        self.new = loader is None
+        self._loader = loader
 
-    def replace(self, record: Record) -> None:
-        """Show ``record`` as the session without marking it modified."""
-        # dict's own methods bypass CallbackDict's "modified" callback: the
-        # record is already stored, and writing it back could undo a newer one.
-        dict.clear(self)
+    def _ensure_loaded(self) -> None:
+        loader, self._loader = self._loader, None
+        if loader is None:
+            return
+        record = loader()
+        if record is None:
+            self.new = True  # the caller renews the id before storing anything
+            return
         dict.update(self, record)
-        self.loaded = dict(record)
+        self.loaded = dict(self)
+
+    def renew(self, sid: str) -> None:
+        """Drop the cookie's unknown id for a fresh one of ours."""
+        self.sid = sid
+        self.new = True
+        self._loader = None
+
+    def known(self, record: Record) -> None:
+        """Record values the store now holds, without marking the session modified."""
+        # dict's own methods bypass CallbackDict's "modified" callback: the
+        # values are already stored, and writing them back could undo newer ones.
+        dict.update(self, record)
+        self.loaded.update(record)
         self.stored = True
         self.accessed = True
+
+
+def _loading(name: str) -> Callable[..., Any]:
+    inherited = getattr(ServerSideSession, name)
+
+    def method(self: TallySession, *args: Any, **kwargs: Any) -> Any:
+        self._ensure_loaded()
+        return inherited(self, *args, **kwargs)
+
+    method.__name__ = name
+    method.__doc__ = inherited.__doc__
+    return method
+
+
+# Every way of looking into or changing the mapping loads it first.  Listed,
+# not discovered, so that a new dict method cannot silently skip the load.
+for _name in (
+    "__getitem__", "get", "__contains__", "__iter__", "__len__", "__bool__", "__eq__", "__repr__", "keys", "values",
+    "items", "copy", "setdefault", "pop", "popitem", "update", "clear", "__setitem__", "__delitem__",
+):  # fmt: skip
+    setattr(TallySession, _name, _loading(_name))
 
 
 class TallySessionInterface(ServerSideSessionInterface):
     """Flask-Session's interface, storing through a :class:`Store`."""
 
-    session_class = TallySession
+    session_class = TallySession  # type: ignore[assignment]
 
     def __init__(self, store: Store, key_prefix: str) -> None:
         # No app is kept on the interface: it serves whichever app calls it.
@@ -72,47 +117,68 @@ class TallySessionInterface(ServerSideSessionInterface):
         return int(app.permanent_session_lifetime.total_seconds())
 
     def open_session(self, app: Flask, request: Request) -> TallySession:
-        """Load the client's session, or start a new one under a fresh id."""
+        """Take the client's session id, to be loaded when first needed."""
         sid = request.cookies.get(self.get_cookie_name(app), "")
-        failure = None
         if _SID.fullmatch(sid):
-            try:
-                record = self.store.load(self._get_store_id(sid))
-            except StorageError as exc:
-                failure = exc
-            else:
-                if record is not None:
-                    return self.session_class(record, sid=sid)
-        # An unknown id is never adopted: that would allow session fixation.
-        fresh = self.session_class(sid=self._generate_sid(self.sid_length), permanent=self.permanent)
-        fresh.failure = failure
-        fresh.new = True
-        return fresh
+            store_id = self._get_store_id(sid)
+            return TallySession(sid, lambda: self.store.load(store_id))
+        return TallySession(self._generate_sid(self.sid_length))
 
-    def update(self, app: Flask, session: TallySession, change: Callable[[Record], Record]) -> Record:
-        """Atomically apply ``change`` to the stored session and return the result."""
+    def _write(self, session: TallySession, write: Callable[[str, bool], Any]) -> Any:
+        """Run ``write(store_id, create)`` on the client's session, or on a fresh one."""
+        if not session.new:
+            result = write(self._get_store_id(session.sid), False)
+            if result is not None:
+                return result
+            session.renew(self._generate_sid(self.sid_length))  # unknown or expired: never adopt it
+        result = write(self._get_store_id(session.sid), True)
+        self.on_created()
+        return result
 
-        def stamped(record: Record) -> Record:
-            record = change(record)
-            if session.permanent:
-                record["_permanent"] = True
-            return record
+    def add(self, app: Flask, session: TallySession, field: str, by: int) -> int:
+        """Atomically add ``by`` to an integer field of the session and return it."""
+        ttl = self._ttl(app)
+        value: int = self._write(session, lambda key, create: self.store.add(key, field, by, ttl, create))
+        session.known({field: value})
+        return value
 
-        if session.failure:
-            raise session.failure  # never write over a session we could not read
-        record = self.store.update(self._get_store_id(session.sid), stamped, self._ttl(app))
-        if session.new and not session.stored:
-            self.on_created()
-        session.replace(record)
-        return record
+    def update(
+        self, app: Flask, session: TallySession, change: Callable[[Record], Record], create: bool = True
+    ) -> None:
+        """Atomically apply ``change`` to the stored session.
 
-    def should_set_storage(self, app: Flask, session: ServerSideSession) -> bool:
-        """Store only what the request changed; never refresh on a read."""
-        return bool(session.modified or getattr(session, "stored", False))
+        With ``create=False`` a session that is not stored is left alone.
+        """
+        ttl = self._ttl(app)
 
-    def should_set_cookie(self, app: Flask, session: Any) -> bool:
-        """Send the cookie when the session was written during this request."""
-        return bool(session.modified or session.stored)
+        def write(key: str, create_it: bool) -> Record | None:
+            return self.store.update(key, change, ttl, create_it)
+
+        if create:
+            session.known(self._write(session, write))
+        elif not session.new:
+            record = write(self._get_store_id(session.sid), False)
+            if record is not None:
+                session.known(record)
+
+    def save_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:  # type: ignore[override]
+        """Merge what the view set on the session, and send the cookie if it was stored."""
+        assert isinstance(session, TallySession)
+        if session.modified:
+            self._upsert_session(app.permanent_session_lifetime, session, self._get_store_id(session.sid))
+        # Vary: Cookie is on every answer already (security.add_headers).
+        if session.stored:
+            response.set_cookie(
+                self.get_cookie_name(app),
+                session.sid,
+                # Always permanent: reading session.permanent would load the session.
+                expires=datetime.now(UTC) + app.permanent_session_lifetime,
+                httponly=self.get_cookie_httponly(app),
+                domain=self.get_cookie_domain(app),
+                path=self.get_cookie_path(app),
+                secure=self.get_cookie_secure(app),
+                samesite=self.get_cookie_samesite(app),
+            )
 
     def _upsert_session(self, session_lifetime: timedelta, session: ServerSideSession, store_id: str) -> None:
         assert isinstance(session, TallySession)
@@ -122,22 +188,14 @@ class TallySessionInterface(ServerSideSessionInterface):
         if not changed and not removed:
             return
         ttl = int(session_lifetime.total_seconds())
-        record = self.store.update(store_id, lambda r: {k: v for k, v in r.items() if k not in removed} | changed, ttl)
-        session.replace(record)
+
+        def merge(record: Record) -> Record:
+            return {k: v for k, v in record.items() if k not in removed} | changed
+
+        session.known(self._write(session, lambda key, create: self.store.update(key, merge, ttl, create)))
 
     def _retrieve_session_data(self, store_id: str) -> Record | None:
         return self.store.load(store_id)
 
     def _delete_session(self, store_id: str) -> None:
         self.store.delete(store_id)
-
-
-def raise_load_failure() -> None:
-    """Raise the error that kept this request's session from loading.
-
-    Flask opens the session before its error handlers apply, where an
-    exception would become a bare 500; raised here, it is answered as a 503.
-    """
-    failure = getattr(session, "failure", None)
-    if failure is not None:
-        raise failure

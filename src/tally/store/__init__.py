@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .base import PruneReport, Record, Stats, StorageError, Store, hashed_id
+from .base import INT64_MAX, INT64_MIN, OutOfRange, PruneReport, Record, Stats, StorageError, Store, hashed_id
 from .files import FileStore
 
-__all__ = ["PruneReport", "Record", "Stats", "StorageError", "Store", "hashed_id", "make_store"]
+__all__ = [
+    "INT64_MAX", "INT64_MIN", "OutOfRange", "PruneReport", "Record", "Stats", "StorageError", "Store", "hashed_id",
+    "make_store",
+]  # fmt: skip
 
 
 def make_store(config: Mapping[str, Any]) -> Store:

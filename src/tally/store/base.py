@@ -35,6 +35,29 @@ class CorruptRecord(Exception):
     """Stored bytes that do not decode to a record."""
 
 
+class OutOfRange(ValueError):
+    """An addition would take a counter outside signed 64 bits; nothing was written."""
+
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+
+def integer_field(record: Record, field: str) -> int:
+    """Return ``record[field]`` as an int, 0 when absent or not an int."""
+    value = record.get(field, 0)
+    # bool is an int; anything else not an int is not ours to trust.
+    return value if type(value) is int else 0
+
+
+def added(record: Record, field: str, by: int) -> Record:
+    """Return ``record`` with ``by`` added to ``field``, or raise OutOfRange."""
+    value = integer_field(record, field) + by
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise OutOfRange(f"{field} would leave the signed 64-bit range")
+    return record | {field: value}
+
+
 def hashed_id(key: str) -> str:
     """Return the short hash under which a session may appear in logs."""
     # The raw cookie is a bearer credential; its hash is not, and it is the
@@ -87,7 +110,11 @@ class Store(ABC):
 
     The methods to implement are :meth:`load`, :meth:`update`, :meth:`delete`,
     :meth:`increment_global`, :meth:`read_global`, :meth:`stats` and
-    :meth:`check`; :meth:`prune` only where expiry is not automatic.
+    :meth:`check`; :meth:`add` where the backend can add faster than a
+    read-modify-write, and :meth:`prune` where expiry is not automatic.
+
+    ``create=False`` on a write means "only if the session exists": a client's
+    cookie must never bring a session into being under an id it chose.
     """
 
     #: Short name for logs, metrics and ``/healthz``.
@@ -102,12 +129,21 @@ class Store(ABC):
         """Return the live record under ``key``, or None.  Never writes."""
 
     @abstractmethod
-    def update(self, key: str, change: Change, ttl: int) -> Record:
+    def update(self, key: str, change: Change, ttl: int, create: bool = True) -> Record | None:
         """Atomically replace the record with ``change(record)`` and return it.
 
-        An absent or expired record is passed as ``{}``.  The written record
-        lives ``ttl`` seconds from now.
+        An absent or expired record is passed as ``{}``, or, with
+        ``create=False``, nothing is written and None is returned.  The
+        written record lives ``ttl`` seconds from now.
         """
+
+    def add(self, key: str, field: str, by: int, ttl: int, create: bool = True) -> int | None:
+        """Atomically add ``by`` to an integer field and return its new value.
+
+        Raises :class:`OutOfRange`, writing nothing, past signed 64 bits.
+        """
+        record = self.update(key, lambda r: added(r, field, by), ttl, create)
+        return None if record is None else integer_field(record, field)
 
     @abstractmethod
     def delete(self, key: str) -> None:

@@ -46,8 +46,10 @@ from .base import (
     Stats,
     StorageError,
     Store,
+    added,
     decode_record,
     encode_record,
+    integer_field,
 )
 
 #: magic, expires (unix time, 0 = never), sequence number, payload length, crc32
@@ -214,18 +216,24 @@ class RecordFileCache(FileSystemCache):
             self._quarantine(path, fd)
             return None
 
-    def update_path(self, path: str, change: Change, ttl: int) -> Record:
-        """The atomic read-modify-write on one file."""
+    def update_path(self, path: str, change: Change, ttl: int, create: bool = True) -> Record | None:
+        """The atomic read-modify-write on one file; None if absent and not ``create``."""
         try:
             while True:
-                fd = self._open_locked(path)
-                assert fd is not None
+                fd = self._open_locked(path, create=create)
+                if fd is None:
+                    return None
                 try:
                     now = time.time()
                     current = self._newest_or_quarantine(path, fd)
                     if current is None and not os.fstat(fd).st_nlink:
+                        if not create:
+                            return None
                         continue  # it was quarantined; start on a fresh file
-                    record = change(dict(current.record) if _live(current, now) else {})
+                    live = _live(current, now)
+                    if not live and not create:
+                        return None
+                    record = change(dict(current.record) if live and current else {})
                     seq = current.seq + 1 if current else 1
                     data = _pack(record, now + ttl if ttl else 0.0, seq)
                     if os.pwrite(fd, data, (seq % 2) * SLOT_SIZE) != len(data):
@@ -353,15 +361,16 @@ class FileStore(Store):
     def load(self, key: str) -> Record | None:
         return self.cache.get(key)
 
-    def update(self, key: str, change: Change, ttl: int) -> Record:
-        return self.cache.update_path(self.cache.path_for(key), change, ttl)
+    def update(self, key: str, change: Change, ttl: int, create: bool = True) -> Record | None:
+        return self.cache.update_path(self.cache.path_for(key), change, ttl, create)
 
     def delete(self, key: str) -> None:
         self.cache.delete(key)
 
     def increment_global(self, by: int = 1) -> int:
-        record = self.cache.update_path(self._global, lambda r: {"value": r.get("value", 0) + by}, 0)
-        return int(record["value"])
+        record = self.cache.update_path(self._global, lambda r: added(r, "value", by), 0)
+        assert record is not None
+        return integer_field(record, "value")
 
     def read_global(self) -> int:
         record = self.cache.read_path(self._global)
