@@ -162,6 +162,15 @@ class Server:
 ServerFactory = Callable[..., Server]
 
 
+def burst_across(
+    servers: list[Server], path: str, each: int, cookie: str | None = None, threads: int = 16
+) -> list[int]:
+    """Burst on several servers at the same time; return every number answered."""
+    with ThreadPoolExecutor(len(servers)) as pool:
+        outcomes = list(pool.map(lambda server: server.burst(path, each, cookie, threads), servers))
+    return [value for outcome in outcomes for value in outcome.values]
+
+
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[ServerFactory]:
     """Start gunicorn servers: ``serve(workers=4, threads=4, **TALLY_settings)``."""

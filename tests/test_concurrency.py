@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import Server, ServerFactory, counter_of
+from conftest import ServerFactory, burst_across, counter_of
 
 
 def test_concurrent_increments_with_one_cookie_are_all_counted(serve: ServerFactory) -> None:
@@ -49,17 +49,7 @@ def test_100_concurrent_clients_each_get_a_unique_global_number(serve: ServerFac
 def test_two_servers_on_one_folder_share_counters(serve: ServerFactory) -> None:
     first, second = serve(workers=2, threads=4), serve(workers=2, threads=4)
     cookie = first.new_client()
-    results: list[int] = []
-
-    def hammer(server: Server) -> None:
-        results.extend(server.burst("/inc", 150, cookie, threads=16).values)
-
-    threads = [threading.Thread(target=hammer, args=(s,)) for s in (first, second)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(results) == list(range(2, 302))
+    assert sorted(burst_across([first, second], "/inc", 150, cookie)) == list(range(2, 302))
     assert second.get("/counter", cookie).text == "counter is 301"
 
 

@@ -13,7 +13,7 @@ import pytest
 import redis
 from pytest_redis.executor.process import RedisExecutor
 
-from conftest import ServerFactory, counter_of
+from conftest import ServerFactory, burst_across, counter_of
 from tally import create_app
 from tally.store import StorageError
 from tally.store.redis import RedisStore
@@ -104,27 +104,10 @@ def test_two_instances_share_one_cookie_without_losing_updates(  # type: ignore[
     first = serve(workers=2, threads=4, session_dir=str(tmp_path / "a"), **settings)
     second = serve(workers=2, threads=4, session_dir=str(tmp_path / "b"), **settings)
     cookie = first.new_client()
-    values: list[int] = []
-    threads = [
-        threading.Thread(target=lambda s=s: values.extend(s.burst("/inc", 200, cookie, threads=24).values))
-        for s in (first, second)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(values) == list(range(2, 402))
+    assert sorted(burst_across([first, second], "/inc", 200, cookie, threads=24)) == list(range(2, 402))
     assert second.get("/counter", cookie).text == "counter is 401"
     start = counter_of(first.get("/global").text)
-    numbers: list[int] = []
-    threads = [
-        threading.Thread(target=lambda s=s: numbers.extend(s.burst("/global/inc", 50, threads=50).values))
-        for s in (first, second)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    numbers = burst_across([first, second], "/global/inc", 50, threads=50)
     assert sorted(numbers) == list(range(start + 1, start + 101))
 
 
