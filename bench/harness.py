@@ -125,17 +125,21 @@ def _populate(args: tuple[str, int, int, int]) -> None:
 
     folder, start, stop, ttl_live = args
     cache = RecordFileCache(folder)
+    last_written = time.time() - 2 * ttl_live
     for i in range(start, stop):
-        # Every other session is already expired, so prune has work to do.
-        ttl = ttl_live if i % 2 else -1
-        record = {"counter": i, "_permanent": True}
-        cache.update_path(cache.path_for("session:" + secrets.token_urlsafe(32)), lambda r, new=record: new, ttl)
+        # One in 31 sessions expired, and last written long ago: what a daily
+        # prune finds with a 31-day lifetime.
+        expired = i % 31 == 0
+        path = cache.path_for("session:" + secrets.token_urlsafe(32))
+        cache.update_path(path, lambda r, new={"counter": i}: new, -1 if expired else ttl_live)
+        if expired:
+            os.utime(path, (last_written, last_written))
 
 
 def populate(folder: str, have: int, want: int) -> None:
     """Write sessions straight into the file store, not over HTTP."""
     step = 20_000
-    chunks = [(folder, a, min(a + step, want), 86_400) for a in range(have, want, step)]
+    chunks = [(folder, a, min(a + step, want), 31 * 86_400) for a in range(have, want, step)]
     with Pool(2) as pool:
         pool.map(_populate, chunks)
 
@@ -226,8 +230,6 @@ def write_report(systems: list[System], scale: list[dict[str, float]], args: arg
     by_name = {s.name: s for s in systems}
     ceiling = median(by_name["Flask, no session"].runs["many"], "rps")
     lines = [
-        "# Benchmarks",
-        "",
         f"`make bench` on this machine ({os.cpu_count()} cores, shared and noisy): gunicorn with "
         f"{args.workers} workers and {args.threads} threads for every system, wrk with {args.connections} connections "
         f"on `GET /inc`, {args.rounds} rounds of {args.seconds:g} s alternating between systems; medians. "
@@ -257,12 +259,25 @@ def write_report(systems: list[System], scale: list[dict[str, float]], args: arg
                 f"| {row['sessions']:,} | {row['rps']:.0f} | {row['p99_us'] / 1000:.2f} | {row['rss'] / 2**20:.0f} |"
             )
         last = scale[-1]
-        lines += ["", f"`flask sessions prune` over {last['sessions']:,} stored sessions (half expired) took "
+        lines += ["", f"`flask sessions prune` over {last['sessions']:,} stored sessions (1 in 31 expired) took "
                   f"{last['prune_seconds']:.1f} s: `{last['prune_output']}`"]  # fmt: skip
-    Path(args.out + ".md").parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    write_between_markers(Path(args.out + ".md"), "\n".join(lines))
     plot(systems, ceiling, args.out + ".png")
     print("\n".join(lines))
+
+
+BEGIN, END = "<!-- results: written by make bench -->", "<!-- end of results -->"
+
+
+def write_between_markers(path: Path, results: str) -> None:
+    """Replace the results in ``path``, keeping the hand-written text around them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text() if path.exists() else f"{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text += f"\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    path.write_text(f"{head}{BEGIN}\n{results}\n{END}{tail}")
 
 
 def plot(systems: list[System], ceiling: float, path: str) -> None:

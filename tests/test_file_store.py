@@ -12,6 +12,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from tally import create_app
+from tally.store import files
 from tally.store.files import SLOT_SIZE
 
 
@@ -111,3 +112,13 @@ def test_prune_while_serving_never_removes_a_live_session(tmp_path: Path) -> Non
     # Expired sessions read as new, so each writer counts from its first increment after expiry.
     for n, c in enumerate(writers):
         assert c.get("/counter").text == f"counter is {counts[n]}"
+
+
+def test_prune_reports_progress_on_long_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(files, "PROGRESS_EVERY", 10)
+    app = create_app({"SESSION_DIR": str(tmp_path / "s"), "SECRET_KEY": "k"}, instance_path=str(tmp_path))
+    for _ in range(25):
+        app.test_client().get("/inc")
+    result = app.test_cli_runner().invoke(args=["sessions", "prune"])
+    assert "25 files checked, 0 removed" in result.output
+    assert "removed 0 expired sessions, kept 25" in result.output

@@ -111,7 +111,7 @@ def test_two_instances_share_one_cookie_without_losing_updates(  # type: ignore[
     assert sorted(numbers) == list(range(start + 1, start + 101))
 
 
-def _load(server, cookie: str, stop: threading.Event, acked: list[int], failures: list[tuple[int, float, str]]) -> None:  # type: ignore[no-untyped-def]
+def _load(server, cookie: str, stop: threading.Event, acked: list[int], failures: list, unknown: list[str]) -> None:  # type: ignore[no-untyped-def]
     while not stop.is_set():
         began = time.monotonic()
         response = server.get("/inc", cookie)
@@ -120,6 +120,8 @@ def _load(server, cookie: str, stop: threading.Event, acked: list[int], failures
         else:
             failures.append((response.status_code, time.monotonic() - began, response.headers.get("Retry-After", "")))
             assert "counter is" not in response.text
+            if "may or may not" in response.text:
+                unknown.append(response.text)
 
 
 def test_a_hung_redis_gets_503_in_bounded_time_and_counts_resume_exactly(  # type: ignore[no-untyped-def]
@@ -127,8 +129,8 @@ def test_a_hung_redis_gets_503_in_bounded_time_and_counts_resume_exactly(  # typ
 ) -> None:
     server = serve(workers=2, threads=4, redis_url=f"redis://127.0.0.1:{own_redis.port}/0", redis_timeout="1")
     cookie = server.new_client()
-    stop, acked, failures = threading.Event(), [], []
-    threads = [threading.Thread(target=_load, args=(server, cookie, stop, acked, failures)) for _ in range(8)]
+    stop, acked, failures, unknown = threading.Event(), [], [], []
+    threads = [threading.Thread(target=_load, args=(server, cookie, stop, acked, failures, unknown)) for _ in range(8)]
     for t in threads:
         t.start()
     time.sleep(0.5)
@@ -144,7 +146,11 @@ def test_a_hung_redis_gets_503_in_bounded_time_and_counts_resume_exactly(  # typ
     assert max(seconds for _, seconds, _ in failures) < 3.5, "bounded by the timeout"
     assert all(retry_after for _, _, retry_after in failures)
     assert len(set(acked)) == len(acked)
-    assert server.get("/counter", cookie).text == f"counter is {1 + len(acked)}"
+    # Every acknowledged increment counts and every refused one does not.  A
+    # request whose script ran just before Redis stopped, with its reply still
+    # unsent, cannot know its outcome: it says so, and it alone may count.
+    extra = counter_of(server.get("/counter", cookie).text) - 1 - len(acked)
+    assert 0 <= extra <= min(len(unknown), 8), "only requests in flight when Redis stopped"
 
 
 def test_a_killed_and_restarted_redis_loses_no_acknowledged_count(  # type: ignore[no-untyped-def]

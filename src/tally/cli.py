@@ -31,7 +31,7 @@ def prune() -> None:
         seen = report.removed + report.kept
         click.echo(f"... {seen} files checked, {report.removed} removed, {time.monotonic() - began:.1f}s", err=True)
 
-    report = store().prune(progress)
+    report = store().prune(int(current_app.permanent_session_lifetime.total_seconds()), progress)
     click.echo(
         f"removed {report.removed} expired sessions, kept {report.kept}, "
         f"freed {_size(report.bytes_freed)} ({report.bytes_freed} bytes) in {time.monotonic() - began:.1f}s"

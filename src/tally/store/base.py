@@ -169,6 +169,10 @@ class Store(ABC):
     def check(self) -> None:
         """Raise :class:`StorageError` unless the store is readable and writable."""
 
-    def prune(self, progress: Callable[[PruneReport], None] | None = None) -> PruneReport:
-        """Remove expired sessions; a no-op where the backend expires them."""
+    def prune(self, lifetime: int, progress: Callable[[PruneReport], None] | None = None) -> PruneReport:
+        """Remove expired sessions; a no-op where the backend expires them.
+
+        ``lifetime`` is the configured session lifetime: a session written
+        more recently than that is kept without being looked at.
+        """
         return PruneReport()
