@@ -179,3 +179,12 @@ def _closed_port() -> int:
     from conftest import free_port
 
     return free_port()
+
+
+def test_stats_counts_redis_sessions(redis_app) -> None:  # type: ignore[no-untyped-def]
+    for by in (1, 2, 3):
+        redis_app.test_client().get(f"/inc?by={by}")
+    output = redis_app.test_cli_runner().invoke(args=["sessions", "stats"]).output
+    assert "store: redis" in output and "sessions: 3\n" in output
+    assert "oldest: written 0s ago" in output or "oldest: written 1s ago" in output
+    assert "removed 0 expired" in redis_app.test_cli_runner().invoke(args=["sessions", "prune"]).output
