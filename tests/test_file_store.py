@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,25 @@ def test_a_torn_write_leaves_the_last_acknowledged_value(app: Flask, client: Fla
         # The next write goes to slot 1: tear it halfway, as a kill -9 could.
         f.seek(SLOT_SIZE)
         f.write(b"TLY1" + b"\xff" * 20)
+    assert client.get("/counter").text == "counter is 2"
+    assert client.get("/inc").text == "counter is 3"
+
+
+def test_a_write_cut_off_halfway_leaves_the_previous_value(
+    app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client.get("/inc")
+    client.get("/inc")
+    write = os.pwrite
+
+    def dies_halfway(fd: int, data: bytes, offset: int) -> int:
+        write(fd, data[: len(data) // 2], offset)
+        raise SystemExit("killed mid-write")  # not an Exception: nothing handles it, as with kill -9
+
+    monkeypatch.setattr(os, "pwrite", dies_halfway)
+    with pytest.raises(SystemExit):
+        client.get("/inc")
+    monkeypatch.undo()
     assert client.get("/counter").text == "counter is 2"
     assert client.get("/inc").text == "counter is 3"
 
