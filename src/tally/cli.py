@@ -9,6 +9,7 @@ from flask import Flask, current_app
 from flask.cli import AppGroup
 
 from .counter import store
+from .sessions import lifetime_seconds
 from .store import PruneReport
 
 sessions = AppGroup("sessions", help="Look after the stored sessions.")
@@ -31,7 +32,7 @@ def prune() -> None:
         seen = report.removed + report.kept
         click.echo(f"... {seen} files checked, {report.removed} removed, {time.monotonic() - began:.1f}s", err=True)
 
-    report = store().prune(int(current_app.permanent_session_lifetime.total_seconds()), progress)
+    report = store().prune(lifetime_seconds(current_app), progress)
     click.echo(
         f"removed {report.removed} expired sessions, kept {report.kept}, "
         f"freed {_size(report.bytes_freed)} ({report.bytes_freed} bytes) in {time.monotonic() - began:.1f}s"
@@ -41,8 +42,7 @@ def prune() -> None:
 @sessions.command()
 def stats() -> None:
     """Count the live sessions, the space they use and the oldest one."""
-    lifetime = int(current_app.permanent_session_lifetime.total_seconds())
-    result = store().stats(lifetime)
+    result = store().stats(lifetime_seconds(current_app))
     click.echo(f"store: {store().name}")
     click.echo(f"sessions: {result.sessions}")
     click.echo(f"bytes: {result.bytes} ({_size(result.bytes)})")

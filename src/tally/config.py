@@ -10,7 +10,7 @@ from typing import Any
 from flask import Flask
 
 
-def defaults(instance_path: str) -> dict[str, Any]:
+def defaults() -> dict[str, Any]:
     """The built-in configuration; instance/config.py and TALLY_* override it."""
     return {
         # Unset: a key is generated once into the instance folder (see below).
@@ -45,7 +45,7 @@ def defaults(instance_path: str) -> dict[str, Any]:
 
 def load(app: Flask, overrides: dict[str, Any] | None) -> None:
     """Layer the configuration: defaults, instance/config.py, TALLY_*, then overrides."""
-    app.config.from_mapping(defaults(app.instance_path))
+    app.config.from_mapping(defaults())
     app.config.from_pyfile("config.py", silent=True)
     app.config.from_prefixed_env("TALLY")
     app.config.update(overrides or {})

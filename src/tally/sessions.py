@@ -36,6 +36,11 @@ _SID = re.compile(r"[A-Za-z0-9_-]{43}")
 Loader = Callable[[], Record | None]
 
 
+def lifetime_seconds(app: Flask) -> int:
+    """Return the app's session lifetime in whole seconds, as the stores take it."""
+    return int(app.permanent_session_lifetime.total_seconds())
+
+
 class TallySession(ServerSideSession):
     """A session that loads on first use and knows what it stored."""
 
@@ -112,10 +117,6 @@ class TallySessionInterface(ServerSideSessionInterface):
         #: Called when a new session is first stored.
         self.on_created: Callable[[], None] = lambda: None
 
-    @staticmethod
-    def _ttl(app: Flask) -> int:
-        return int(app.permanent_session_lifetime.total_seconds())
-
     def open_session(self, app: Flask, request: Request) -> TallySession:
         """Take the client's session id, to be loaded when first needed."""
         sid = request.cookies.get(self.get_cookie_name(app), "")
@@ -124,20 +125,25 @@ class TallySessionInterface(ServerSideSessionInterface):
             return TallySession(sid, lambda: self.store.load(store_id))
         return TallySession(self._generate_sid(self.sid_length))
 
-    def _write(self, session: TallySession, write: Callable[[str, bool], Any]) -> Any:
-        """Run ``write(store_id, create)`` on the client's session, or on a fresh one."""
+    def _write(self, session: TallySession, write: Callable[[str, bool], Any], create: bool = True) -> Any:
+        """Run ``write(store_id, create)`` on the client's session, or else on a fresh one.
+
+        With ``create=False`` there is no fresh one: None when nothing is stored.
+        """
         if not session.new:
             result = write(self._get_store_id(session.sid), False)
-            if result is not None:
+            if result is not None or not create:
                 return result
             session.renew(self._generate_sid(self.sid_length))  # unknown or expired: never adopt it
+        elif not create:
+            return None
         result = write(self._get_store_id(session.sid), True)
         self.on_created()
         return result
 
     def add(self, app: Flask, session: TallySession, field: str, by: int) -> int:
         """Atomically add ``by`` to an integer field of the session and return it."""
-        ttl = self._ttl(app)
+        ttl = lifetime_seconds(app)
         value: int = self._write(session, lambda key, create: self.store.add(key, field, by, ttl, create))
         session.known({field: value})
         return value
@@ -149,17 +155,10 @@ class TallySessionInterface(ServerSideSessionInterface):
 
         With ``create=False`` a session that is not stored is left alone.
         """
-        ttl = self._ttl(app)
-
-        def write(key: str, create_it: bool) -> Record | None:
-            return self.store.update(key, change, ttl, create_it)
-
-        if create:
-            session.known(self._write(session, write))
-        elif not session.new:
-            record = write(self._get_store_id(session.sid), False)
-            if record is not None:
-                session.known(record)
+        ttl = lifetime_seconds(app)
+        record = self._write(session, lambda key, create_it: self.store.update(key, change, ttl, create_it), create)
+        if record is not None:
+            session.known(record)
 
     def save_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:  # type: ignore[override]
         """Merge what the view set on the session, and send the cookie if it was stored."""

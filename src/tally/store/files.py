@@ -252,21 +252,25 @@ class RecordFileCache(FileSystemCache):
         except OSError as exc:
             raise storage_error(exc) from exc
 
-    def read_path(self, path: str) -> Record | None:
-        """Read a live record without a lock, quarantining a corrupt one."""
+    @staticmethod
+    def read_slot(path: str) -> _Slot | None:
+        """Read a file's newest slot without a lock; raise CorruptRecord for foreign bytes."""
         try:
             with open(path, "rb", buffering=0) as f:
-                raw = f.read(2 * SLOT_SIZE)
+                return _newest(f.read(2 * SLOT_SIZE))
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise storage_error(exc) from exc
+
+    def read_path(self, path: str) -> Record | None:
+        """Read a live record without a lock, quarantining a corrupt one."""
         try:
-            slot = _newest(raw)
+            slot = self.read_slot(path)
         except CorruptRecord:
             self._quarantine_unless_fixed(path)
             return None
-        return slot.record if _live(slot, time.time()) else None
+        return slot.record if slot and _live(slot, time.time()) else None
 
     def _quarantine_unless_fixed(self, path: str) -> None:
         # Under the lock, a concurrent writer may have repaired the file.
@@ -380,14 +384,17 @@ class FileStore(Store):
 
     def read_global(self) -> int:
         record = self.cache.read_path(self._global)
-        return int(record["value"]) if record else 0
+        return integer_field(record, "value") if record else 0
 
     def stats(self, lifetime: int) -> Stats:
         now = time.time()
         count = size = 0
         oldest: float | None = None
         for entry in self.cache.session_files():
-            slot = self._slot(entry.path)
+            try:
+                slot = self.cache.read_slot(entry.path)
+            except CorruptRecord:
+                continue  # not a session until a request quarantines it
             if not _live(slot, now):
                 continue
             count += 1
@@ -395,13 +402,6 @@ class FileStore(Store):
             written = entry.stat().st_mtime
             oldest = written if oldest is None else min(oldest, written)
         return Stats(count, size, None if oldest is None else now - oldest)
-
-    def _slot(self, path: str) -> _Slot | None:
-        try:
-            with open(path, "rb", buffering=0) as f:
-                return _newest(f.read(2 * SLOT_SIZE))
-        except (FileNotFoundError, CorruptRecord):
-            return None
 
     def check(self) -> None:
         # The in-place write proves the folder writable; it does not need a
