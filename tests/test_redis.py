@@ -167,6 +167,20 @@ def test_a_killed_and_restarted_redis_loses_no_acknowledged_count(  # type: igno
     assert server.get("/inc", cookie).text == "counter is 52"
 
 
+def test_connections_redis_closed_while_idle_are_replaced_without_an_error(  # type: ignore[no-untyped-def]
+    serve: ServerFactory, own_redis: RedisExecutor
+) -> None:
+    # What a Redis with an idle "timeout", a failover or CLIENT KILL does to
+    # the connections a server keeps between requests.
+    server = serve(workers=2, threads=4, redis_url=f"redis://127.0.0.1:{own_redis.port}/0")
+    cookie = server.new_client()
+    assert server.burst("/inc", 100, cookie, threads=16).statuses == [200] * 100
+    admin = redis.Redis(port=own_redis.port)
+    assert admin.client_kill_filter(_type="normal", skipme=True) >= 2
+    assert server.burst("/inc", 100, cookie, threads=16).statuses == [200] * 100
+    assert server.get("/counter", cookie).text == "counter is 201"
+
+
 def test_an_unreachable_redis_is_a_storage_error_not_a_hang() -> None:
     store = RedisStore(f"redis://127.0.0.1:{_closed_port()}/0", timeout=0.5)
     began = time.monotonic()
