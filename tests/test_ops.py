@@ -99,3 +99,11 @@ def test_storage_errors_are_counted_by_kind(tmp_path: Path) -> None:
     assert client.get("/global/inc").status_code == 503
     after = samples(client.get("/metrics").text, "tally_storage_errors_total")
     assert after[(("kind", "unavailable"),)] >= 1 and sum(after.values()) == before + 1
+
+
+def test_metrics_labels_stay_bounded_whatever_methods_clients_invent(client: FlaskClient) -> None:
+    for i in range(20):
+        assert client.open("/inc", method=f"X{i}").status_code == 405
+    methods = {dict(key).get("method") for key in samples(client.get("/metrics").text, "tally_requests_total")}
+    assert not any(m and m.startswith("X") for m in methods), "each invented method would be a new series"
+    assert "other" in methods

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import time
+from functools import lru_cache
+from typing import Any
 
 from flask import Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
@@ -41,13 +43,28 @@ def _started() -> None:
     g.tally_started = time.perf_counter()
 
 
+#: Methods counted by name; any other is counted as "other", or a client
+#: inventing methods would add a series to every worker's files each time.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+@lru_cache(maxsize=256)
+def _children(route: str, method: str, status: int) -> tuple[Any, Any]:
+    # labels() validates and looks up under a lock on every call, a fifth of
+    # this hook's cost; the set of (route, method, status) is small, and
+    # bounded here anyway.
+    return REQUESTS.labels(route, method, str(status)), LATENCY.labels(route)
+
+
 def _observe(response: Response) -> Response:
     # The rule, not the path: paths are unbounded, and would be labels.
     route = request.url_rule.rule if request.url_rule else "unmatched"
-    REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+    method = request.method if request.method in _METHODS else "other"
+    requests, latency = _children(route, method, response.status_code)
+    requests.inc()
     started = g.get("tally_started")
     if started is not None:
-        LATENCY.labels(route).observe(time.perf_counter() - started)
+        latency.observe(time.perf_counter() - started)
     return response
 
 
