@@ -2,8 +2,9 @@
 
 Every system runs under gunicorn with the same workers and threads.  Runs
 alternate between systems, round after round, so a noisy machine slows all of
-them alike; the table shows medians and ratios, which is what holds on a shared
-2-core machine.  Results go to docs/benchmarks.md and docs/benchmarks.png.
+them alike; the table shows medians, and ratios taken round by round, which is
+what holds on a shared 2-core machine.  The scale runs do the same with one
+Tally per store size.  Results go to docs/benchmarks.md and docs/benchmarks.png.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class System:
     target: str
     env: dict[str, str]
     sessions: bool = True
+    #: A file of stored sessions' cookies for wrk to pick from (the scale runs).
+    cookies: str | None = None
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     runs: dict[str, list[dict[str, float]]] = field(default_factory=dict)
@@ -90,11 +93,15 @@ class System:
         return total
 
 
-def wrk(url: str, seconds: float, connections: int, cookie: str | None = None) -> dict[str, float]:
+def wrk(
+    url: str, seconds: float, connections: int, cookie: str | None = None, cookies: str | None = None
+) -> dict[str, float]:
     """Run wrk with a connection per thread, so the Lua cookie jar is per connection."""
     env = {**os.environ, "BENCH_PATH": "/inc"}
     if cookie:
         env["BENCH_COOKIE"] = cookie
+    if cookies:
+        env["BENCH_COOKIES"] = cookies
     command = ["wrk", "-t", str(connections), "-c", str(connections), "-d", f"{round(seconds)}s", "--latency"]
     command += ["-s", str(BENCH / "session.lua"), url]
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
@@ -120,28 +127,34 @@ def run_once(system: System, mode: str, seconds: float, connections: int) -> dic
     return result
 
 
-def _populate(args: tuple[str, int, int, int]) -> None:
+def _populate(args: tuple[str, int, int, int, int]) -> list[str]:
     from tally.store.files import RecordFileCache
 
-    folder, start, stop, ttl_live = args
+    folder, start, stop, ttl_live, every = args
     cache = RecordFileCache(folder)
     last_written = time.time() - 2 * ttl_live
+    sampled = []
     for i in range(start, stop):
         # One in 31 sessions expired, and last written long ago: what a daily
         # prune finds with a 31-day lifetime.
         expired = i % 31 == 0
-        path = cache.path_for("session:" + secrets.token_urlsafe(32))
+        sid = secrets.token_urlsafe(32)
+        path = cache.path_for("session:" + sid)
         cache.update_path(path, lambda r, new={"counter": i}: new, -1 if expired else ttl_live)
         if expired:
             os.utime(path, (last_written, last_written))
+        elif i % every == 0:
+            sampled.append(sid)
+    return sampled
 
 
-def populate(folder: str, have: int, want: int) -> None:
-    """Write sessions straight into the file store, not over HTTP."""
+def populate(folder: str, want: int, sample: int) -> list[str]:
+    """Write sessions straight into the file store, not over HTTP; return about ``sample`` live ones' ids."""
     step = 20_000
-    chunks = [(folder, a, min(a + step, want), 31 * 86_400) for a in range(have, want, step)]
+    every = max(1, want // sample)
+    chunks = [(folder, a, min(a + step, want), 31 * 86_400, every) for a in range(0, want, step)]
     with Pool(2) as pool:
-        pool.map(_populate, chunks)
+        return [sid for part in pool.map(_populate, chunks) for sid in part]
 
 
 def median(runs: list[dict[str, float]], key: str) -> float:
@@ -150,8 +163,8 @@ def median(runs: list[dict[str, float]], key: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4)
@@ -188,53 +201,90 @@ def main() -> None:
                     result = run_once(system, mode, args.seconds, args.connections)
                     system.runs.setdefault(mode, []).append(result)
                     print(f"round {round_ + 1} {system.name:18} {mode:6} {result['rps']:8.0f} req/s", flush=True)
-        scale = run_scale(systems[0], work, args) if args.scale else []
     finally:
         for system in systems:
             system.stop()
         redis_proc.terminate()
         redis_proc.wait()
+    scale = run_scale(work, tally, args) if args.scale else []
     write_report(systems, scale, args)
     shutil.rmtree(work, ignore_errors=True)
 
 
-def run_scale(system: System, work: Path, args: argparse.Namespace) -> list[dict[str, float]]:
-    """p99 and worker RSS with many sessions stored, and the prune of the largest store."""
-    rows = []
-    have = 0
-    folder = system.env["TALLY_SESSION_DIR"]
+def run_scale(work: Path, env: dict[str, str], args: argparse.Namespace) -> list[dict[str, float]]:
+    """p99 and worker RSS with many sessions stored, and the prune of the largest store.
+
+    One Tally per store size, all running at once and measured in alternating
+    rounds, like the main table.  Each request increments one of the store's
+    sessions (or of a uniform sample of 10,000 of them) at random, so the
+    store's size is what every request meets.
+    """
+    systems = []
     for size in [int(s) for s in args.scale.split(",")]:
+        folder = work / f"stored-{size}"
         began = time.monotonic()
-        populate(folder, have, size)
-        have = size
-        # Flush the new files now, or their writeback would compete with the measurement.
-        os.sync()
+        cookies = populate(str(folder), size, 10_000)
+        cookie_file = work / f"cookies-{size}"
+        cookie_file.write_text("\n".join(cookies) + "\n")
         print(f"stored {size} sessions in {time.monotonic() - began:.0f}s", flush=True)
-        system.stop()
-        system.start(args.workers, args.threads)
-        wrk(system.url, 1, args.connections)
-        runs = [wrk(system.url, args.seconds, args.connections) for _ in range(args.rounds)]
-        rows.append(
-            {"sessions": size, "rps": median(runs, "rps"), "p99_us": median(runs, "p99_us"), "rss": system.worker_rss()}
-        )
-    env = {**os.environ, **system.env}
+        store = {**env, "TALLY_SESSION_DIR": str(folder)}
+        systems.append(System(f"{size:,}", "run:app", store, cookies=str(cookie_file)))
+    # Flush the new files now, or their writeback would compete with the measurement.
+    os.sync()
+    try:
+        for system in systems:
+            system.start(args.workers, args.threads)
+            wrk(system.url, 1, args.connections, cookies=system.cookies)
+        for round_ in range(args.rounds):
+            for system in systems[round_ % len(systems) :] + systems[: round_ % len(systems)]:
+                result = wrk(system.url, args.seconds, args.connections, cookies=system.cookies)
+                system.runs.setdefault("stored", []).append(result)
+                print(f"round {round_ + 1} {system.name:>9} stored {result['p99_us'] / 1000:6.2f} ms p99", flush=True)
+        rows = [
+            {
+                "sessions": int(system.name.replace(",", "")),
+                "rps": median(system.runs["stored"], "rps"),
+                "p99_us": median(system.runs["stored"], "p99_us"),
+                "p99_ratio": ratio(system.runs["stored"], systems[0].runs["stored"], "p99_us"),
+                "rss": system.worker_rss(),
+            }
+            for system in systems
+        ]
+    finally:
+        for system in systems:
+            system.stop()
+    largest = systems[-1]
+    kept = sum(1 for _ in os.scandir(largest.env["TALLY_SESSION_DIR"]))
+    assert kept == rows[-1]["sessions"], f"the runs created sessions ({kept}): cookies were not the stored ones"
     began = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "run", "sessions", "prune"], cwd=ROOT, env=env, capture_output=True,
-        text=True, check=True,
-    ).stdout  # fmt: skip
+    prune = [sys.executable, "-m", "flask", "--app", "run", "sessions", "prune"]
+    prune_env = {**os.environ, **largest.env}
+    out = subprocess.run(prune, cwd=ROOT, env=prune_env, capture_output=True, text=True, check=True).stdout
     rows[-1]["prune_seconds"] = time.monotonic() - began
     rows[-1]["prune_output"] = out.strip()  # type: ignore[assignment]
     return rows
 
 
+def per_round(runs: list[dict[str, float]], base: list[dict[str, float]], key: str) -> list[float]:
+    """One measure over another's, round by round: a slow spell on the machine hits both alike."""
+    return [mine[key] / theirs[key] for mine, theirs in zip(runs, base, strict=True)]
+
+
+def ratio(runs: list[dict[str, float]], base: list[dict[str, float]], key: str = "rps") -> str:
+    """The median of the per-round ratios, and their range."""
+    ratios = per_round(runs, base, key)
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
+
+
 def write_report(systems: list[System], scale: list[dict[str, float]], args: argparse.Namespace) -> None:
     by_name = {s.name: s for s in systems}
-    ceiling = median(by_name["Flask, no session"].runs["many"], "rps")
+    ceiling_runs = by_name["Flask, no session"].runs["many"]
+    ceiling = median(ceiling_runs, "rps")
     lines = [
         f"`make bench` on this machine ({os.cpu_count()} cores, shared and noisy): gunicorn with "
         f"{args.workers} workers and {args.threads} threads for every system, wrk with {args.connections} connections "
         f"on `GET /inc`, {args.rounds} rounds of {args.seconds:g} s alternating between systems; medians. "
+        "Ratios are the median of each round's ratio, with their range in brackets. "
         "*many*: each connection has its own cookie. *shared*: all connections send one cookie; "
         "*lost* counts increments answered 200 that the counter does not show.",
         "",
@@ -246,19 +296,29 @@ def write_report(systems: list[System], scale: list[dict[str, float]], args: arg
             rps = median(runs, "rps")
             store = "files" if "files" in system.name else "Redis"
             stock = by_name.get(f"stock, {store}")
-            versus = f"{rps / median(stock.runs[mode], 'rps'):.2f}" if stock and system.sessions else ""
+            versus = ""
+            if stock and system.sessions:
+                versus = "1" if stock is system else ratio(runs, stock.runs[mode])
             lost = f"{sum(r.get('lost', 0) for r in runs):.0f} of {sum(r['requests'] for r in runs):.0f}"
             lines.append(
                 f"| {system.name} | {mode} | {rps:.0f} | {median(runs, 'p50_us') / 1000:.2f} | "
                 f"{median(runs, 'p99_us') / 1000:.2f} | {lost if mode == 'shared' else ''} | {versus} | "
-                f"{rps / ceiling:.2f} |"
+                f"{'1' if runs is ceiling_runs else ratio(runs, ceiling_runs)} |"
             )
     if scale:
         lines += ["", "## With many sessions stored (Tally, files)", ""]
-        lines += ["| sessions stored | req/s | p99 ms | workers' RSS MiB |", "|---:|---:|---:|---:|"]
+        lines += [
+            f"One Tally per store size, all running, {args.rounds} alternating rounds of {args.seconds:g} s. Each "
+            "request increments a stored session picked at random (from all of them, or from a uniform sample of "
+            "10,000), so every request meets the whole store; none is created.",
+            "",
+            f"| sessions stored | req/s | p99 ms | p99 ÷ p99 with {scale[0]['sessions']:,} | workers' RSS MiB |",
+            "|---:|---:|---:|---:|---:|",
+        ]
         for row in scale:
             lines.append(
-                f"| {row['sessions']:,} | {row['rps']:.0f} | {row['p99_us'] / 1000:.2f} | {row['rss'] / 2**20:.0f} |"
+                f"| {row['sessions']:,} | {row['rps']:.0f} | {row['p99_us'] / 1000:.2f} | {row['p99_ratio']} | "
+                f"{row['rss'] / 2**20:.0f} |"
             )
         last = scale[-1]
         lines += ["", f"`flask sessions prune` over {last['sessions']:,} stored sessions (1 in 31 expired) took "

@@ -1,18 +1,36 @@
--- wrk script: one cookie jar per connection, or one cookie shared by all.
+-- wrk script: one cookie jar per connection, one cookie shared by all, or
+-- cookies of sessions already stored.
 -- wrk keeps one Lua state per thread, so the harness runs as many threads as
 -- connections: a thread's jar is then its connection's.
 -- BENCH_COOKIE set: every connection sends that cookie (the shared mode).
+-- BENCH_COOKIES set: a file of stored sessions' cookies, one a line; every
+-- request picks one at random (the scale runs).
 local cookie = os.getenv("BENCH_COOKIE")
+local cookie_file = os.getenv("BENCH_COOKIES")
 local path = os.getenv("BENCH_PATH") or "/inc"
+local cookies = nil
 local threads = {}
 
 function setup(thread)
   table.insert(threads, thread)
+  thread:set("id", #threads)
+end
+
+function init(args)
+  if cookie_file then
+    cookies = {}
+    for line in io.lines(cookie_file) do
+      table.insert(cookies, line)
+    end
+    math.randomseed(os.time() * 100 + id)
+  end
 end
 
 function request()
   local headers = {}
-  if cookie then
+  if cookies then
+    headers["Cookie"] = "session=" .. cookies[math.random(#cookies)]
+  elseif cookie then
     headers["Cookie"] = "session=" .. cookie
   end
   return wrk.format("GET", path, headers)
@@ -22,7 +40,7 @@ function response(status, headers, body)
   if status ~= 200 then
     failed = (failed or 0) + 1
   end
-  if not cookie then
+  if not cookie and not cookies then
     local set = headers["Set-Cookie"] or headers["set-cookie"]
     if set then
       cookie = set:match("session=([^;]+)")
