@@ -165,7 +165,7 @@ def median(runs: list[dict[str, float]], key: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=4)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4)
@@ -195,10 +195,17 @@ def main() -> None:
         for system in systems:
             system.start(args.workers, args.threads)
             wrk(system.url, 1, args.connections)  # warm up
+        # Each Tally runs right beside the stock recipe it is compared with,
+        # first on even rounds and second on odd ones; the pairs take turns
+        # to go first.
+        groups = [systems[0:2], systems[2:4], systems[4:]]
         for round_ in range(args.rounds):
-            order = systems[round_ % len(systems) :] + systems[: round_ % len(systems)]
-            for system in order:
-                for mode in ("many", "shared") if system.sessions else ("many",):
+            turn = round_ % len(groups)
+            order = [s for g in groups[turn:] + groups[:turn] for s in (g if round_ % 2 == 0 else g[::-1])]
+            for mode in ("many", "shared"):
+                for system in order:
+                    if mode == "shared" and not system.sessions:
+                        continue
                     result = run_once(system, mode, args.seconds, args.connections)
                     system.runs.setdefault(mode, []).append(result)
                     print(f"round {round_ + 1} {system.name:18} {mode:6} {result['rps']:8.0f} req/s", flush=True)
@@ -309,6 +316,8 @@ def write_report(systems: list[System], scale: list[dict[str, Any]], args: argpa
                 f"{median(runs, 'p99_us') / 1000:.2f} | {lost if mode == 'shared' else ''} | {versus} | "
                 f"{ratio(runs, ceiling_runs)} |"
             )
+    shared = [f"{s.name}: {ratio(s.runs['shared'], s.runs['many'])}" for s in systems if s.name.startswith("Tally")]
+    lines += ["", f"One shared cookie ÷ a cookie per connection, in req/s: {'; '.join(shared)}."]
     if scale:
         lines += ["", "## With many sessions stored (Tally, files)", ""]
         lines += [
