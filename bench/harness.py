@@ -24,12 +24,13 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -158,6 +159,12 @@ def populate(folder: str, want: int, sample: int) -> list[str]:
         return [sid for part in pool.map(_populate, chunks) for sid in part]
 
 
+def rotated(items: list[T], round_: int) -> list[T]:
+    """The items, starting one further along each round, so no one always goes first."""
+    turn = round_ % len(items)
+    return items[turn:] + items[:turn]
+
+
 def median(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
@@ -200,8 +207,7 @@ def main() -> None:
         # to go first.
         groups = [systems[0:2], systems[2:4], systems[4:]]
         for round_ in range(args.rounds):
-            turn = round_ % len(groups)
-            order = [s for g in groups[turn:] + groups[:turn] for s in (g if round_ % 2 == 0 else g[::-1])]
+            order = [s for g in rotated(groups, round_) for s in (g if round_ % 2 == 0 else g[::-1])]
             for mode in ("many", "shared"):
                 for system in order:
                     if mode == "shared" and not system.sessions:
@@ -227,8 +233,9 @@ def run_scale(work: Path, env: dict[str, str], args: argparse.Namespace) -> list
     sessions (or of a uniform sample of 10,000 of them) at random, so the
     store's size is what every request meets.
     """
+    sizes = [int(s) for s in args.scale.split(",")]
     systems = []
-    for size in [int(s) for s in args.scale.split(",")]:
+    for size in sizes:
         folder = work / f"stored-{size}"
         began = time.monotonic()
         cookies = populate(str(folder), size, 10_000)
@@ -246,20 +253,20 @@ def run_scale(work: Path, env: dict[str, str], args: argparse.Namespace) -> list
             # reads the disk; this run does it, and its p99 is shown apart.
             system.runs["first"] = [wrk(system.url, args.seconds, args.connections, cookies=system.cookies)]
         for round_ in range(args.rounds):
-            for system in systems[round_ % len(systems) :] + systems[: round_ % len(systems)]:
+            for system in rotated(systems, round_):
                 result = wrk(system.url, args.seconds, args.connections, cookies=system.cookies)
                 system.runs.setdefault("stored", []).append(result)
                 print(f"round {round_ + 1} {system.name:>9} stored {result['p99_us'] / 1000:6.2f} ms p99", flush=True)
         rows = [
             {
-                "sessions": int(system.name.replace(",", "")),
+                "sessions": size,
                 "rps": median(system.runs["stored"], "rps"),
                 "p99_us": median(system.runs["stored"], "p99_us"),
                 "p99_ratio": ratio(system.runs["stored"], systems[0].runs["stored"], "p99_us"),
                 "first_p99_us": system.runs["first"][0]["p99_us"],
                 "rss": system.worker_rss(),
             }
-            for system in systems
+            for size, system in zip(sizes, systems, strict=True)
         ]
     finally:
         for system in systems:
