@@ -135,7 +135,7 @@ def test_a_hung_redis_gets_503_in_bounded_time_and_counts_resume_exactly(  # typ
         t.start()
     time.sleep(0.5)
     os.kill(own_redis.process.pid, signal.SIGSTOP)  # type: ignore[union-attr]
-    time.sleep(2.5)
+    time.sleep(3.5)  # longer than the bound below: the answers come while Redis is still stopped
     os.kill(own_redis.process.pid, signal.SIGCONT)  # type: ignore[union-attr]
     time.sleep(1)
     stop.set()
@@ -143,7 +143,7 @@ def test_a_hung_redis_gets_503_in_bounded_time_and_counts_resume_exactly(  # typ
         t.join()
     assert failures, "requests must fail while Redis is stopped"
     assert {status for status, _, _ in failures} == {503}
-    assert max(seconds for _, seconds, _ in failures) < 3.5, "bounded by the timeout"
+    assert max(seconds for _, seconds, _ in failures) < 2.5, "bounded by the 1 s timeout"
     assert all(retry_after for _, _, retry_after in failures)
     assert len(set(acked)) == len(acked)
     # Every acknowledged increment counts and every refused one does not.  A

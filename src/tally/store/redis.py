@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -100,6 +102,24 @@ def _decode(fields: dict[bytes, bytes]) -> Record:
 
 def _encode(record: Record) -> list[str]:
     return [part for k, v in record.items() for part in (k, json.dumps(v, separators=(",", ":")))]
+
+
+def _closed(conn: AbstractConnection) -> bool:
+    """Whether an idle connection has anything to read, which means Redis closed it."""
+    sock = conn._sock  # type: ignore[attr-defined]
+    if type(sock) is not socket.socket:  # not connected yet, or TLS (whose recv takes no flags)
+        try:
+            return sock is not None and bool(conn.can_read())
+        except redis.exceptions.ConnectionError:
+            return True
+    # One system call; can_read() would switch the socket to non-blocking and back around it.
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # b"" at end of stream, or stray bytes
+    except BlockingIOError:
+        return False  # nothing to read: open and clean
+    except OSError:
+        pass  # reset
+    return True
 
 
 class RedisStore(Store):
@@ -201,14 +221,32 @@ class RedisStore(Store):
             conn = self._idle.pop()  # atomic, as is append
         except IndexError:
             pool = self.client.connection_pool
-            return pool.connection_class(**pool.connection_kwargs)  # type: ignore[no-any-return]
-        try:
-            closed = conn.can_read()  # True, or ConnectionError, when Redis closed it
-        except redis.exceptions.ConnectionError:
-            closed = True
-        if closed:
+            # No Python-level read timeout: the kernel keeps it (see _kernel_timeouts).
+            kwargs = {**pool.connection_kwargs, "socket_timeout": None, "redis_connect_func": self._kernel_timeouts}
+            return pool.connection_class(**kwargs)  # type: ignore[no-any-return]
+        if _closed(conn):
             conn.disconnect()  # it reconnects when it next sends
         return conn
+
+    def _kernel_timeouts(self, conn: AbstractConnection) -> None:
+        """Make a hot-path connection's socket blocking, with its timeouts kept by the kernel.
+
+        Python implements a socket timeout by polling before every send and
+        receive; SO_RCVTIMEO and SO_SNDTIMEO bound the same waits inside the
+        one system call, and a wait that runs out fails the same way, as a
+        ConnectionError that :meth:`_evalsha` reports.  The connect itself
+        keeps redis-py's Python-level timeout.
+        """
+        sock = conn._sock  # type: ignore[attr-defined]
+        if type(sock) is socket.socket:  # TCP or Unix; a TLS socket keeps Python's timeout
+            seconds = int(self.timeout)
+            limit = struct.pack("ll", seconds, int((self.timeout - seconds) * 1_000_000))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+        else:
+            conn.socket_timeout = self.timeout  # type: ignore[attr-defined]
+            sock.settimeout(self.timeout)
+        conn.on_connect()
 
     def _evalsha(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """Run a script; a StorageError says whether it may have run.
