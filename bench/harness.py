@@ -170,8 +170,8 @@ def disk_read_kib() -> int:
 def scale_run(system: System, args: argparse.Namespace) -> dict[str, float]:
     """One wrk run on a stored store, with what the machine read from disk meanwhile.
 
-    Only one Tally serves at a time, so the reads are its own: session files
-    that were not in the page cache.
+    Only one Tally serves at a time, so the reads are mostly its own: session
+    files that were not, or no longer, in the page cache.
     """
     before = disk_read_kib()
     result = wrk(system.url, args.seconds, args.connections, cookies=system.cookies)
@@ -281,37 +281,18 @@ def run_scale(work: Path, env: dict[str, str], args: argparse.Namespace) -> list
                     f"{result['disk_mib']:.1f} MiB read from disk",
                     flush=True,
                 )
-        smallest = systems[0].runs["stored"]
-        rows = []
-        for size, system in zip(sizes, systems, strict=True):
-            runs = system.runs["stored"]
-            # Rounds in which neither store read from disk: what the store's
-            # size costs once its sessions are cached, apart from the page
-            # cache's own losses (this host reclaims cold cache pages).
-            cached = [
-                (mine, base)
-                for mine, base in zip(runs, smallest, strict=True)
-                if not mine["disk_mib"] + base["disk_mib"]
-            ]
-            rows.append(
-                {
-                    "sessions": size,
-                    "rps": median(runs, "rps"),
-                    "p99_us": median(runs, "p99_us"),
-                    "p99_ratio": ratio(runs, smallest, "p99_us"),
-                    "cached_ratio": (
-                        "1"
-                        if system is systems[0]
-                        else ratio([m for m, _ in cached], [b for _, b in cached], "p99_us")
-                        if cached
-                        else "–"
-                    ),
-                    "cached_rounds": len(cached),
-                    "disk_mib": sum(r["disk_mib"] for r in runs),
-                    "first_p99_us": system.runs["first"][0]["p99_us"],
-                    "rss": system.worker_rss(),
-                }
-            )
+        rows = [
+            {
+                "sessions": size,
+                "rps": median(system.runs["stored"], "rps"),
+                "p99_us": median(system.runs["stored"], "p99_us"),
+                "p99_ratio": ratio(system.runs["stored"], systems[0].runs["stored"], "p99_us"),
+                "disk_mib": sum(r["disk_mib"] for r in system.runs["stored"]),
+                "first_p99_us": system.runs["first"][0]["p99_us"],
+                "rss": system.worker_rss(),
+            }
+            for size, system in zip(sizes, systems, strict=True)
+        ]
     finally:
         for system in systems:
             system.stop()
@@ -376,19 +357,18 @@ def write_report(systems: list[System], scale: list[dict[str, Any]], args: argpa
             "request increments a stored session picked at random (from all of them, or from a uniform sample of "
             "10,000), so every request meets the whole store; none is created. A first run touches the sampled "
             "sessions before the rounds; its p99 is shown apart, because a session file that is not in the page "
-            "cache costs a disk read on first touch. This machine also reclaims page cache that looks cold, so a "
-            "round can meet evicted sessions: the table shows what each store read from disk in its rounds, and the "
-            "p99 ratio again over the rounds in which neither it nor the smallest store read anything.",
+            "cache costs a disk read on first touch. This machine also pages out page cache that looks cold "
+            "(DAMON proactive reclaim), so a store re-reads some session files in its rounds; the machine's disk "
+            "reads during each store's rounds are shown.",
             "",
-            f"| sessions stored | req/s | p99 ms | p99 ÷ p99 with {scale[0]['sessions']:,} | the same, rounds with no "
-            "disk reads | MiB read from disk | workers' RSS MiB | p99 ms of the first run |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| sessions stored | req/s | p99 ms | p99 ÷ p99 with {scale[0]['sessions']:,} | MiB read from disk | "
+            "workers' RSS MiB | p99 ms of the first run |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row in scale:
             lines.append(
                 f"| {row['sessions']:,} | {row['rps']:.0f} | {row['p99_us'] / 1000:.2f} | {row['p99_ratio']} | "
-                f"{row['cached_ratio']} ({row['cached_rounds']} of {args.rounds}) | {row['disk_mib']:.1f} | "
-                f"{row['rss'] / 2**20:.0f} | {row['first_p99_us'] / 1000:.2f} |"
+                f"{row['disk_mib']:.1f} | {row['rss'] / 2**20:.0f} | {row['first_p99_us'] / 1000:.2f} |"
             )
         last = scale[-1]
         lines += ["", f"`flask sessions prune` over {last['sessions']:,} stored sessions (1 in 31 expired) took "
