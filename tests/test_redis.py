@@ -195,6 +195,12 @@ def _closed_port() -> int:
     return free_port()
 
 
+@pytest.mark.parametrize("timeout", [0, -1, float("nan")])
+def test_a_timeout_that_would_never_run_out_is_refused(timeout: float) -> None:
+    with pytest.raises(ValueError, match="positive number of seconds"):
+        RedisStore("redis://127.0.0.1:1/0", timeout=timeout)
+
+
 def test_stats_counts_redis_sessions(redis_app) -> None:  # type: ignore[no-untyped-def]
     for by in (1, 2, 3):
         redis_app.test_client().get(f"/inc?by={by}")

@@ -128,6 +128,8 @@ class RedisStore(Store):
     name = "redis"
 
     def __init__(self, url: str, timeout: float = 2.0, prefix: str = "tally:") -> None:
+        if not timeout > 0:  # a zero SO_RCVTIMEO would wait forever on a hung Redis
+            raise ValueError(f"the Redis timeout must be a positive number of seconds, not {timeout!r}")
         self.client = redis.Redis.from_url(
             url,
             socket_timeout=timeout,
@@ -239,8 +241,8 @@ class RedisStore(Store):
         """
         sock = conn._sock  # type: ignore[attr-defined]
         if type(sock) is socket.socket:  # TCP or Unix; a TLS socket keeps Python's timeout
-            seconds = int(self.timeout)
-            limit = struct.pack("ll", seconds, int((self.timeout - seconds) * 1_000_000))
+            # At least 1 µs: a zero timeval means no timeout at all.
+            limit = struct.pack("ll", *divmod(max(1, round(self.timeout * 1_000_000)), 1_000_000))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
         else:
