@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import secrets
 import signal
 import threading
 import time
@@ -13,7 +15,7 @@ import pytest
 import redis
 from pytest_redis.executor.process import RedisExecutor
 
-from conftest import ServerFactory, burst_across, counter_of
+from conftest import ServerFactory, burst_across, counter_of, free_port, need_redis
 from tally import create_app
 from tally.store import StorageError
 from tally.store.redis import RedisStore
@@ -208,3 +210,177 @@ def test_stats_counts_redis_sessions(redis_app) -> None:  # type: ignore[no-unty
     assert "store: redis" in output and "sessions: 3\n" in output
     assert "oldest: written 0s ago" in output or "oldest: written 1s ago" in output
     assert "removed 0 expired" in redis_app.test_cli_runner().invoke(args=["sessions", "prune"]).output
+
+
+# -- key layout, upgrade, replicas, settings ---------------------------------
+
+
+def _cookie(client) -> str:  # type: ignore[no-untyped-def]
+    return client.get_cookie("session").value  # type: ignore[no-any-return]
+
+
+def test_no_key_names_a_session_id(redis_app, redis_url: str, redis_prefix: str) -> None:  # type: ignore[no-untyped-def]
+    client = redis_app.test_client()
+    client.get("/inc")
+    cookie = _cookie(client)
+    direct = redis.Redis.from_url(redis_url)
+    keys = [k.decode() for k in direct.scan_iter(match=redis_prefix + "*")]
+    assert keys and not [k for k in keys if cookie in k]
+    digest = hashlib.sha256(f"session:{cookie}".encode()).hexdigest()
+    assert redis_prefix + "session:" + digest in keys, "named by the same hash as the session's file"
+    direct.close()
+
+
+def _store_the_old_way(direct: redis.Redis, redis_prefix: str, counter: int) -> str:
+    """A session as versions before the hashed layout stored it: the raw id in the key."""
+    sid = secrets.token_urlsafe(32)
+    key = f"{redis_prefix}session:session:{sid}"
+    direct.hset(key, mapping={"counter": str(counter), "_v": "3"})
+    direct.pexpire(key, 60_000)
+    return sid
+
+
+@pytest.mark.parametrize("first", ["/inc", "/counter", "/reset"])
+def test_sessions_of_the_old_layout_keep_their_counts(  # type: ignore[no-untyped-def]
+    redis_app, redis_url: str, redis_prefix: str, first: str
+) -> None:
+    direct = redis.Redis.from_url(redis_url)
+    sid = _store_the_old_way(direct, redis_prefix, 41)
+    client = redis_app.test_client()
+    client.set_cookie("session", sid)
+    expected = {"/inc": "counter is 42", "/counter": "counter is 41", "/reset": "counter was reset"}[first]
+    response = client.open(first, method="POST" if first == "/reset" else "GET")
+    assert response.text == expected
+    assert _cookie(client) == sid, "the client keeps its id"
+    assert not direct.exists(f"{redis_prefix}session:session:{sid}"), "the raw id is gone from the key space"
+    [key] = direct.keys(redis_prefix + "session:*")
+    assert 0 < direct.pttl(key) <= 60_000 or first != "/counter", "a read moves the session with its TTL"
+    value = {"/inc": 43, "/counter": 42, "/reset": 1}[first]
+    assert client.get("/inc").text == f"counter is {value}"
+    direct.close()
+
+
+def test_flask_sessions_migrate_moves_every_old_session(redis_app, redis_url: str, redis_prefix: str) -> None:  # type: ignore[no-untyped-def]
+    direct = redis.Redis.from_url(redis_url)
+    sids = [_store_the_old_way(direct, redis_prefix, n) for n in range(25)]
+    redis_app.test_client().get("/inc")  # one of the current layout, left alone
+    result = redis_app.test_cli_runner().invoke(args=["sessions", "migrate"])
+    assert result.exit_code == 0 and "moved 25 sessions" in result.output
+    assert not list(direct.scan_iter(match=redis_prefix + "session:session:*"))
+    assert len(list(direct.scan_iter(match=redis_prefix + "session:*"))) == 26
+    for n, sid in enumerate(sids):
+        client = redis_app.test_client()
+        client.set_cookie("session", sid)
+        assert client.get("/counter").text == f"counter is {n}"
+    assert "moved 0 sessions" in redis_app.test_cli_runner().invoke(args=["sessions", "migrate"]).output
+    direct.close()
+
+
+def _app_on(tmp_path: Path, url: str, **settings: object):  # type: ignore[no-untyped-def]
+    return create_app({"REDIS_URL": url, "SECRET_KEY": "k", **settings}, instance_path=str(tmp_path / "i"))
+
+
+def test_with_replicas_required_and_none_following_writes_answer_503_not_200(  # type: ignore[no-untyped-def]
+    tmp_path: Path, own_redis: RedisExecutor
+) -> None:
+    url = f"redis://127.0.0.1:{own_redis.port}/0"
+    warm = _app_on(tmp_path, url).test_client()
+    assert warm.get("/inc?by=5").text == "counter is 5"
+    app = _app_on(tmp_path, url, REDIS_REPLICAS=1, REDIS_TIMEOUT=0.6)
+    client = app.test_client()
+    client.set_cookie("session", _cookie(warm))
+    began = time.monotonic()
+    for path in ("/inc", "/dec", "/global/inc", "/reset"):
+        response = client.open(path, method="POST")
+        assert response.status_code == 503, path
+        assert "may or may not have been applied" in response.text and response.headers["Retry-After"]
+        assert "Set-Cookie" not in response.headers
+    assert time.monotonic() - began < 4 * 0.6 + 1, "each waits at most its share of the timeout"
+    assert client.get("/counter").status_code == 200, "reads need no replica"
+
+
+def test_with_a_replica_following_writes_are_acknowledged(  # type: ignore[no-untyped-def]
+    tmp_path: Path, own_redis: RedisExecutor
+) -> None:
+    replica = RedisExecutor(
+        need_redis(), databases=1, redis_timeout=30, loglevel="warning", host="127.0.0.1", port=free_port(),
+        datadir=tmp_path / "replica",
+    )  # fmt: skip
+    (tmp_path / "replica").mkdir()
+    replica.start()
+    try:
+        follower = redis.Redis(port=replica.port)
+        follower.replicaof("127.0.0.1", own_redis.port)
+        deadline = time.monotonic() + 10
+        while follower.info("replication")["master_link_status"] != "up":
+            assert time.monotonic() < deadline, "the replica never caught up"
+            time.sleep(0.05)
+        client = _app_on(tmp_path, f"redis://127.0.0.1:{own_redis.port}/0", REDIS_REPLICAS=1).test_client()
+        for n in range(1, 21):
+            assert client.get("/inc").text == f"counter is {n}"
+        assert client.get("/global/inc").text == "global counter is 1"
+        [key] = follower.keys("tally:session:*")
+        assert follower.hget(key, "counter") == b"20", "every acknowledged write is on the replica already"
+        follower.close()
+    finally:
+        replica.stop()
+
+
+def test_an_evicting_redis_is_reported_at_start_and_by_healthz(  # type: ignore[no-untyped-def]
+    tmp_path: Path, own_redis: RedisExecutor, caplog: pytest.LogCaptureFixture
+) -> None:
+    admin = redis.Redis(port=own_redis.port)
+    admin.config_set("maxmemory-policy", "allkeys-lru")
+    with caplog.at_level(logging.WARNING, logger="tally"):
+        app = _app_on(tmp_path, f"redis://127.0.0.1:{own_redis.port}/0")
+    assert "maxmemory-policy is allkeys-lru" in caplog.text
+    health = app.test_client().get("/healthz")
+    assert health.status_code == 200 and "allkeys-lru" in health.json["warnings"][0]
+    admin.config_set("maxmemory-policy", "noeviction")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tally"):
+        app = _app_on(tmp_path, f"redis://127.0.0.1:{own_redis.port}/0")
+    assert "maxmemory-policy" not in caplog.text
+    assert "warnings" not in app.test_client().get("/healthz").json
+    admin.close()
+
+
+def test_a_password_in_the_url_is_used(tmp_path: Path, own_redis: RedisExecutor) -> None:
+    admin = redis.Redis(port=own_redis.port)
+    admin.config_set("requirepass", "s3cret")
+    try:
+        good = _app_on(tmp_path, f"redis://:s3cret@127.0.0.1:{own_redis.port}/0").test_client()
+        assert good.get("/inc").text == "counter is 1"
+        bad = _app_on(tmp_path, f"redis://:wrong@127.0.0.1:{own_redis.port}/0").test_client()
+        response = bad.get("/inc")
+        assert response.status_code == 503 and "credentials" in response.text
+    finally:
+        redis.Redis(port=own_redis.port, password="s3cret").config_set("requirepass", "")
+        admin.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("http://127.0.0.1:6379", "starts with"),
+        ("redis+mongo://h:1/x", "starts with"),
+        ("redis+sentinel://127.0.0.1:26379", "/SERVICE"),
+        ("redis+sentinel://127.0.0.1:26379/svc/db", "/SERVICE"),
+        ("redis+sentinel://127.0.0.1:x/svc", "host:port"),
+        ("redis+cluster://127.0.0.1:7000/0", "no path"),
+    ],
+)
+def test_a_malformed_redis_url_is_refused_naming_the_fault(url: str, complaint: str) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        RedisStore(url)
+
+
+def test_sentinel_and_cluster_urls_are_read_like_the_limits_library() -> None:
+    from tally.store.redis_connect import ClusterTarget, connect
+
+    sentinel = connect("redis+sentinel://u:p%40ss@127.0.0.1:26379,[::1]:26380/mymaster/3", 1.0)
+    assert not sentinel.cluster
+    kwargs = sentinel.client_for("k").connection_pool.connection_kwargs
+    assert (kwargs["db"], kwargs["username"], kwargs["password"]) == (3, "u", "p@ss")
+    cluster = connect("rediss+cluster://:pw@127.0.0.1:7000,127.0.0.1:7001?ssl_cert_reqs=none", 1.0)
+    assert isinstance(cluster, ClusterTarget) and cluster.cluster

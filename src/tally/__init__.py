@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -19,6 +20,8 @@ def create_app(test_config: dict[str, Any] | None = None, instance_path: str | N
     os.makedirs(app.instance_path, exist_ok=True)
 
     store = make_store(app.config)
+    for warning in store.warnings():
+        logging.getLogger(__name__).warning("%s", warning)
     app.session_interface = sessions.TallySessionInterface(store, app.config["SESSION_KEY_PREFIX"])
 
     security.init_app(app)

@@ -1,4 +1,4 @@
-"""``flask sessions prune`` and ``flask sessions stats``."""
+"""``flask sessions prune``, ``migrate`` and ``stats``."""
 
 from __future__ import annotations
 
@@ -37,6 +37,19 @@ def prune() -> None:
         f"removed {report.removed} expired sessions, kept {report.kept}, "
         f"freed {_size(report.bytes_freed)} ({report.bytes_freed} bytes) in {time.monotonic() - began:.1f}s"
     )
+
+
+@sessions.command()
+def migrate() -> None:
+    """Move sessions stored by earlier versions to the current layout (safe while serving)."""
+    began = time.monotonic()
+
+    def progress(moved: int) -> None:
+        if moved % 10_000 == 0:
+            click.echo(f"... {moved} moved, {time.monotonic() - began:.1f}s", err=True)
+
+    moved = store().migrate(progress)
+    click.echo(f"moved {moved} sessions to the current layout in {time.monotonic() - began:.1f}s")
 
 
 @sessions.command()

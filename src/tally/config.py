@@ -19,10 +19,14 @@ def defaults() -> dict[str, Any]:
         "SESSION_DIR": "sessions",
         # fsync each write: survives power loss, not just crashes, at ~1 ms a write.
         "SESSION_FSYNC": False,
-        # A redis:// or rediss:// URL moves sessions and the global counter to Redis.
+        # A Redis URL (redis://, rediss://, redis+sentinel://, redis+cluster://)
+        # moves sessions and the global counter to Redis.
         "REDIS_URL": None,
         # Seconds to wait for Redis before answering 503 (connect and each reply).
         "REDIS_TIMEOUT": 2.0,
+        # Replicas that must confirm each write (Redis's WAIT) before it is
+        # answered 200; 0 acknowledges what the primary alone has.
+        "REDIS_REPLICAS": 0,
         # Every key Tally writes starts with this, so one Redis can serve several apps.
         "REDIS_PREFIX": "tally:",
         # A session not written for this long reads as new (counter 0).

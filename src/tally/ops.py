@@ -14,7 +14,7 @@ bp = Blueprint("ops", __name__)
 
 @bp.get("/healthz")
 def healthz() -> Response | tuple[Response, int, dict[str, str]]:
-    """200 when the store can be read and written; 503 with the reason when not."""
+    """200 when the store can be read and written (with any warnings); 503 with the reason when not."""
     store = counter.store()
     try:
         store.check()
@@ -22,7 +22,8 @@ def healthz() -> Response | tuple[Response, int, dict[str, str]]:
         report(exc)
         body = {"status": "unavailable", "store": store.name, "kind": exc.kind, "reason": exc.message}
         return jsonify(body), 503, {"Retry-After": str(RETRY_AFTER_SECONDS)}
-    return jsonify(status="ok", store=store.name)
+    warnings = store.warnings()
+    return jsonify(status="ok", store=store.name, **({"warnings": warnings} if warnings else {}))
 
 
 @bp.get("/metrics")

@@ -21,5 +21,10 @@ def make_store(config: Mapping[str, Any]) -> Store:
         # Imported here so that the file store needs no Redis client.
         from .redis import RedisStore
 
-        return RedisStore(url, timeout=float(config["REDIS_TIMEOUT"]), prefix=config["REDIS_PREFIX"])
+        return RedisStore(
+            url,
+            timeout=float(config["REDIS_TIMEOUT"]),
+            prefix=config["REDIS_PREFIX"],
+            replicas=int(config["REDIS_REPLICAS"]),
+        )
     return FileStore(config["SESSION_DIR"], fsync=bool(config["SESSION_FSYNC"]))

@@ -169,6 +169,14 @@ class Store(ABC):
     def check(self) -> None:
         """Raise :class:`StorageError` unless the store is readable and writable."""
 
+    def warnings(self) -> list[str]:
+        """Settings of the backend that would break a promise (say, evict sessions); none by default."""
+        return []
+
+    def migrate(self, progress: Callable[[int], None] | None = None) -> int:
+        """Move sessions stored under an earlier layout to the current one; return how many."""
+        return 0
+
     def prune(self, lifetime: int, progress: Callable[[PruneReport], None] | None = None) -> PruneReport:
         """Remove expired sessions; a no-op where the backend expires them.
 

@@ -1,46 +1,74 @@
-"""Sessions and the global counter in Redis (or Valkey), shared by many machines.
+"""Sessions and the global counter in Redis (or Valkey): one server, Sentinel or Cluster.
 
 A session is a hash: each field holds one session key's value as JSON, and the
 field ``_v`` counts writes.  A JSON integer is also Redis's integer text, so
 ``HINCRBY`` adds to the counter in place, exactly over all of int64 (Lua's
 numbers are doubles and could not), in one round trip and without retries.
 Any other change is a compare-and-set on ``_v``.
+
+A session's key is ``<prefix>session:<sha256 of its id>``: whoever can list
+the keys learns no cookie.  Each script touches that one key, so on a Cluster
+it runs on the one primary that holds the key's slot.  Sessions stored by
+earlier versions under the raw id are renamed to the hashed key on first use
+(one server or Sentinel; earlier versions had no Cluster), or all at once by
+``flask sessions migrate``.
+
+Everything goes through redis-py's public API: its connection pools, its
+timeouts (which gevent's sockets honour without blocking other greenlets),
+registered scripts and pipelines; the ``hiredis`` parser speeds it up when
+installed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
-import socket
-import struct
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import redis
-from redis.backoff import NoBackoff
-from redis.connection import AbstractConnection
-from redis.retry import Retry
+from redis import exceptions as rx
+from redis.sentinel import MasterNotFoundError
 
-from .base import Change, CorruptRecord, OutOfRange, Record, Stats, StorageError, Store, hashed_id
+from .base import Change, CorruptRecord, OutOfRange, PruneReport, Record, Stats, StorageError, Store, hashed_id
+from .redis_connect import Target, connect
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Script:
+    text: str
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha1(self.text.encode()).hexdigest()
+
 
 # Each script first checks a deadline in the server's own clock.  A client
 # that times out answers 503, but its command may still sit in the socket
 # buffer of a stalled (SIGSTOPped, swapping) Redis and run when it wakes; the
 # deadline turns such a late write into a no-op, so nothing happens that was
 # reported as not having happened.  (A test that SIGSTOPs Redis catches it.)
-_LATE = """
+# Then, where the caller passed a second key (a session's key under the old
+# layout), a session stored there moves to the first key, TTL and all.
+_PREAMBLE = """
 local t = redis.call('TIME')
 if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[1]) then return {err = 'TALLY_LATE'} end
+if KEYS[2] and redis.call('EXISTS', KEYS[1]) == 0 and redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('RENAME', KEYS[2], KEYS[1])
+end
 """
 
-# KEYS[1] session; ARGV: deadline, field, by, ttl ms, create (1/0).
-_ADD = (
-    _LATE
+# KEYS[1] session (KEYS[2] its old key); ARGV: deadline, field, by, ttl ms, create (1/0).
+_ADD = _Script(
+    _PREAMBLE
     + """
 if ARGV[5] == '0' and redis.call('EXISTS', KEYS[1]) == 0 then return false end
 redis.call('HINCRBY', KEYS[1], ARGV[2], ARGV[3])
@@ -51,9 +79,9 @@ return redis.call('HGET', KEYS[1], ARGV[2])
 """
 )
 
-# KEYS[1] session; ARGV: deadline, expected _v ('' = absent), ttl ms, then field, value pairs.
-_CAS = (
-    _LATE
+# KEYS[1] session (KEYS[2] its old key); ARGV: deadline, expected _v ('' = absent), ttl ms, then field, value pairs.
+_CAS = _Script(
+    _PREAMBLE
     + """
 if (redis.call('HGET', KEYS[1], '_v') or '') ~= ARGV[2] then return 0 end
 redis.call('DEL', KEYS[1])
@@ -65,30 +93,52 @@ return 1
 """
 )
 
+# KEYS[1] session (KEYS[2] its old key); ARGV: deadline.  Reads through the move.
+_LOAD = _Script(_PREAMBLE + "return redis.call('HGETALL', KEYS[1])")
+
 # KEYS[1] global counter; ARGV: deadline, by.
-_INCR = _LATE + "redis.call('INCRBY', KEYS[1], ARGV[2]) return redis.call('GET', KEYS[1])"
+_INCR = _Script(_PREAMBLE + "redis.call('INCRBY', KEYS[1], ARGV[2]) return redis.call('GET', KEYS[1])")
 
 #: Give up on a same-session compare-and-set after this many conflicts in a row.
 MAX_ATTEMPTS = 1000
 #: How often to measure the offset between our clock and Redis's.
 CLOCK_CHECK_SECONDS = 5.0
+#: How often /healthz asks Redis for its settings again.
+WARNINGS_SECONDS = 60.0
+#: Eviction policies that never delete a key Tally wrote.  Every session has a
+#: TTL, so the volatile-* policies would evict them as readily as allkeys-*.
+SAFE_EVICTION = {"noeviction"}
+_HASHED = re.compile(r"[0-9a-f]{64}")
+
+_MAYBE = "this change may or may not have been applied"
 
 
-def _translate(exc: redis.RedisError) -> Exception:
-    if isinstance(exc, redis.exceptions.ResponseError):
-        if "TALLY_LATE" in str(exc):
+#: What redis-py raises: its errors, and a Cluster's own complaints (no node reachable, a slot unserved).
+Failure = (redis.RedisError, rx.RedisClusterException)
+
+
+def _translate(exc: Exception) -> Exception:
+    text = str(exc)
+    if isinstance(exc, rx.ResponseError):
+        if "TALLY_LATE" in text:
             return StorageError("unavailable", "Redis answered too late", 503)
-        if "overflow" in str(exc):
+        if "overflow" in text:
             return OutOfRange("the counter would leave the signed 64-bit range")
-    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        if text.startswith("NOREPLICAS"):
+            return StorageError("not_replicated", "Redis refused the write: too few replicas follow it", 503)
+        if text.startswith(("CLUSTERDOWN", "TRYAGAIN", "MOVED", "ASK")):
+            return StorageError("unavailable", "the Redis Cluster is changing; try again shortly", 503)
+    if isinstance(exc, rx.OutOfMemoryError):
         return StorageError("redis_oom", "Redis is out of memory", 503)
-    if isinstance(exc, redis.exceptions.ReadOnlyError):
+    if isinstance(exc, rx.ReadOnlyError):
         return StorageError("read_only", "Redis is read-only (a replica?)", 503)
-    if isinstance(exc, redis.exceptions.AuthenticationError):
+    if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError | rx.NoPermissionError):
         return StorageError("permission", "Redis refused our credentials", 503)
-    if isinstance(exc, redis.exceptions.TimeoutError):
+    if isinstance(exc, MasterNotFoundError):
+        return StorageError("unavailable", "no Redis primary is known (a failover?)", 503)
+    if isinstance(exc, rx.TimeoutError):
         return StorageError("unavailable", "Redis did not answer in time", 503)
-    if isinstance(exc, redis.exceptions.ConnectionError):
+    if isinstance(exc, rx.ConnectionError | rx.ClusterError | rx.RedisClusterException):
         return StorageError("unavailable", "Redis is unreachable", 503)
     return StorageError("redis_error", f"Redis failed: {exc}", 503)
 
@@ -101,25 +151,7 @@ def _decode(fields: dict[bytes, bytes]) -> Record:
 
 
 def _encode(record: Record) -> list[str]:
-    return [part for k, v in record.items() for part in (k, json.dumps(v, separators=(",", ":")))]
-
-
-def _closed(conn: AbstractConnection) -> bool:
-    """Whether an idle connection has anything to read, which means Redis closed it."""
-    sock = conn._sock  # type: ignore[attr-defined]
-    if type(sock) is not socket.socket:  # not connected yet, or TLS (whose recv takes no flags)
-        try:
-            return sock is not None and bool(conn.can_read())
-        except redis.exceptions.ConnectionError:
-            return True
-    # One system call; can_read() would switch the socket to non-blocking and back around it.
-    try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # b"" at end of stream, or stray bytes
-    except BlockingIOError:
-        return False  # nothing to read: open and clean
-    except OSError:
-        pass  # reset
-    return True
+    return [part for k, v in record.items() for part in (k, json.dumps(v, separators=(",", ":"), allow_nan=False))]
 
 
 class RedisStore(Store):
@@ -127,169 +159,162 @@ class RedisStore(Store):
 
     name = "redis"
 
-    def __init__(self, url: str, timeout: float = 2.0, prefix: str = "tally:") -> None:
-        if not timeout > 0:  # a zero SO_RCVTIMEO would wait forever on a hung Redis
+    def __init__(self, url: str, timeout: float = 2.0, prefix: str = "tally:", replicas: int = 0) -> None:
+        if not timeout > 0:  # also refuses NaN
             raise ValueError(f"the Redis timeout must be a positive number of seconds, not {timeout!r}")
-        self.client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            # redis-py retries timeouts by default: that multiplies the wait
-            # for a hung server, and resends commands that may have run.
-            retry=Retry(NoBackoff(), 0),
-        )
+        if replicas < 0:
+            raise ValueError(f"the number of replicas to wait for must be 0 or more, not {replicas!r}")
+        self.target: Target = connect(url, timeout)
         self.timeout = timeout
+        #: Replicas that must confirm a write (WAIT) before it is acknowledged.
+        self.replicas = replicas
+        # The script may run as late as half the timeout from now, and WAIT may
+        # then take a third: the reply still comes before the client gives up.
+        self._wait_ms = max(1, int(timeout * 1000 / 3))
         self.prefix = prefix
         self._session_prefix = prefix + "session:"
         self._global = prefix + "global"
-        self._add = self.client.register_script(_ADD)
-        self._cas = self.client.register_script(_CAS)
-        self._incr = self.client.register_script(_INCR)
         self._clock_lock = threading.Lock()
-        self._offset_us = 0
-        self._offset_checked = -CLOCK_CHECK_SECONDS
-        #: Idle connections for the hot path (:meth:`_evalsha`), and the process they belong to.
-        self._idle: list[AbstractConnection] = []
-        self._idle_pid = os.getpid()
+        self._offsets: dict[int, tuple[int, float]] = {}
+        self._warnings: list[str] = []
+        self._warned_at = -WARNINGS_SECONDS
 
-    def _key(self, key: str) -> str:
-        return self._session_prefix + key
+    # -- keys ----------------------------------------------------------------
 
-    def _deadline(self) -> int:
-        """The last moment, in Redis's clock (µs), at which a write may still apply.
+    def _keys(self, key: str) -> list[str]:
+        """The session's key, and on a single primary also its key under the old layout."""
+        hashed = self._session_prefix + hashlib.sha256(key.encode()).hexdigest()
+        # On a Cluster the two would lie in different slots, and no earlier
+        # version ran on a Cluster, so there is nothing there to move.
+        return [hashed] if self.target.cluster else [hashed, self._session_prefix + key]
+
+    # -- running commands ----------------------------------------------------
+
+    def _on(self, key: str, action: Callable[[redis.Redis], T]) -> T:
+        """Run ``action`` on the primary that holds ``key``, translating failures.
+
+        A Cluster's ``MOVED`` or ``ASK`` means the command did not run there:
+        relearn the layout and send it once more.  A lost connection may
+        mean a failover, so the layout is relearned for the next request.
+        """
+        for attempt in (1, 2):
+            client = self._checked(self.target.client_for, key)
+            try:
+                return action(client)
+            except (rx.MovedError, rx.AskError) as exc:
+                self.target.refresh()
+                if attempt == 2:
+                    raise _translate(exc) from exc
+            except (rx.ConnectionError, rx.TimeoutError) as exc:
+                self._checked(self.target.refresh)
+                raise _translate(exc) from exc
+            except Failure as exc:
+                raise _translate(exc) from exc
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _checked(fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except Failure as exc:
+            raise _translate(exc) from exc
+
+    def _deadline(self, client: redis.Redis) -> int:
+        """The last moment, in this primary's clock (µs), at which a write may still apply.
 
         Half the timeout from now leaves the reply time to arrive before we
         give up, so an applied write is almost never reported as failed.  The
         offset of Redis's clock from our monotonic one (which no clock step
-        here can move) is measured every few seconds, rather than asking
-        Redis the time on every write, which would cost a round trip.
+        here can move) is measured every few seconds for each primary, rather
+        than asking Redis the time on every write, which would cost a round trip.
         """
         now = time.monotonic()
-        if now - self._offset_checked > CLOCK_CHECK_SECONDS:
+        offset, checked = self._offsets.get(id(client), (0, -CLOCK_CHECK_SECONDS))
+        if now - checked > CLOCK_CHECK_SECONDS:
             with self._clock_lock:
-                if now - self._offset_checked > CLOCK_CHECK_SECONDS:
+                offset, checked = self._offsets.get(id(client), (0, -CLOCK_CHECK_SECONDS))
+                if now - checked > CLOCK_CHECK_SECONDS:
                     sent = time.monotonic()
-                    seconds, micros = self._call(self.client.time)
+                    seconds, micros = client.time()
                     received = time.monotonic()
-                    self._offset_us = seconds * 1_000_000 + micros - int((sent + received) * 500_000)
-                    self._offset_checked = received
-        return int(time.monotonic() * 1_000_000) + self._offset_us + int(self.timeout * 500_000)
+                    offset = seconds * 1_000_000 + micros - int((sent + received) * 500_000)
+                    self._offsets[id(client)] = (offset, received)
+        return int(time.monotonic() * 1_000_000) + offset + int(self.timeout * 500_000)
 
-    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _script(self, script: _Script, keys: list[str], args: list[Any], write: bool = True) -> Any:
+        """Run a script on the primary of ``keys[0]``; a write waits for the configured replicas.
+
+        With replicas, the script and ``WAIT`` go down one connection in one
+        round trip (since Redis 7, ``WAIT`` inside a script would not wait).
+        Whenever the outcome is unknown, the error says so.
+        """
+
+        def run(client: redis.Redis) -> Any:
+            for _ in (1, 2):
+                argv = [self._deadline(client), *args]  # anew after a reload: the first try took time
+                try:
+                    if not (write and self.replicas):
+                        return client.evalsha(script.sha, len(keys), *keys, *argv)
+                    pipe = client.pipeline(transaction=False)
+                    pipe.evalsha(script.sha, len(keys), *keys, *argv)
+                    pipe.wait(self.replicas, self._wait_ms)
+                    result, acknowledged = pipe.execute(raise_on_error=False)
+                except rx.NoScriptError:
+                    client.script_load(script.text)  # a restarted, flushed or newly promoted primary
+                    continue
+                except (rx.ConnectionError, rx.TimeoutError) as exc:
+                    if not write:
+                        raise
+                    raise StorageError("unavailable", f"Redis did not answer; {_MAYBE}", 503) from exc
+                if isinstance(result, rx.NoScriptError):
+                    client.script_load(script.text)
+                    continue
+                if isinstance(result, Exception):
+                    raise result
+                if isinstance(acknowledged, Exception) or acknowledged < self.replicas:
+                    raise StorageError(
+                        "not_replicated", f"fewer than {self.replicas} Redis replicas confirmed the write; {_MAYBE}"
+                    )
+                return result
+            raise StorageError("redis_error", "Redis lost the script as soon as it was loaded")
+
         try:
-            return fn(*args, **kwargs)
-        except redis.RedisError as exc:
-            raise _translate(exc) from exc
+            return self._on(keys[0], run)
+        except StorageError as exc:
+            if exc.kind == "unavailable" and write and _MAYBE in exc.message:
+                self._checked(self.target.refresh)
+            raise
 
-    def _fetch(self, rkey: str) -> tuple[Record | None, str]:
+    # -- the Store interface -------------------------------------------------
+
+    def _fetch(self, key: str) -> tuple[Record | None, str]:
         """Return the live record (None if absent or corrupt) and its version."""
+        keys = self._keys(key)
         try:
-            fields = self.client.hgetall(rkey)
-        except redis.exceptions.ResponseError as exc:
-            if "WRONGTYPE" not in str(exc):
-                raise _translate(exc) from exc
-            fields = {b"": b"not a hash"}  # someone else's data under our key: corrupt
-        except redis.RedisError as exc:
-            raise _translate(exc) from exc
-        if not fields:
+            flat = self._script(_LOAD, keys, [], write=False)
+        except StorageError as exc:
+            if "WRONGTYPE" not in exc.message:
+                raise
+            flat = [b"", b"not a hash"]  # someone else's data under our key: corrupt
+        if not flat:
             return None, ""
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
         try:
             return _decode(fields), fields.get(b"_v", b"").decode()
         except CorruptRecord:
             # Never unpickle, never guess: delete, and the client starts afresh.
-            self._call(self.client.delete, rkey)
-            hashed = hashed_id(rkey[len(self._session_prefix) :])
+            self._on(keys[0], lambda client: client.delete(keys[0]))
+            hashed = hashed_id(key)
             log.warning("corrupt session %s deleted from Redis; the client starts afresh", hashed)
             self.on_corrupt(hashed)
             return None, ""
 
     def load(self, key: str) -> Record | None:
-        return self._fetch(self._key(key))[0]
-
-    def _checkout(self) -> AbstractConnection:
-        """Take an idle connection that Redis has not closed, or make one.
-
-        A plain free list rather than redis-py's pool, whose checkout takes
-        locks and records observability counters on every call: about 40 µs
-        of a 130 µs call on the benchmark machine.  The check that matters is
-        kept: an idle connection with anything to read has been closed by
-        Redis (idle timeout, restart, CLIENT KILL), and sending on it would
-        fail a request that never reached Redis.  A connection goes back only
-        after a whole reply was read, so it holds no stale reply.
-        """
-        if self._idle_pid != os.getpid():  # forked: the parent's sockets are not ours
-            self._idle, self._idle_pid = [], os.getpid()
-        try:
-            conn = self._idle.pop()  # atomic, as is append
-        except IndexError:
-            pool = self.client.connection_pool
-            # No Python-level read timeout: the kernel keeps it (see _kernel_timeouts).
-            kwargs = {**pool.connection_kwargs, "socket_timeout": None, "redis_connect_func": self._kernel_timeouts}
-            return pool.connection_class(**kwargs)  # type: ignore[no-any-return]
-        if _closed(conn):
-            conn.disconnect()  # it reconnects when it next sends
-        return conn
-
-    def _kernel_timeouts(self, conn: AbstractConnection) -> None:
-        """Make a hot-path connection's socket blocking, with its timeouts kept by the kernel.
-
-        Python implements a socket timeout by polling before every send and
-        receive; SO_RCVTIMEO and SO_SNDTIMEO bound the same waits inside the
-        one system call, and a wait that runs out fails the same way, as a
-        ConnectionError that :meth:`_evalsha` reports.  The connect itself
-        keeps redis-py's Python-level timeout.
-        """
-        sock = conn._sock  # type: ignore[attr-defined]
-        if type(sock) is socket.socket:  # TCP or Unix; a TLS socket keeps Python's timeout
-            # At least 1 µs: a zero timeval means no timeout at all.
-            limit = struct.pack("ll", *divmod(max(1, round(self.timeout * 1_000_000)), 1_000_000))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
-        else:
-            conn.socket_timeout = self.timeout  # type: ignore[attr-defined]
-            sock.settimeout(self.timeout)
-        conn.on_connect()
-
-    def _evalsha(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """Run a script; a StorageError says whether it may have run.
-
-        When Redis stalls after running a script but before replying (its
-        replies go out after the whole batch of commands it is working on),
-        the client cannot know the outcome: no protocol can settle that, so
-        the answer says so instead of claiming that nothing changed.
-
-        It bypasses redis-py's per-command wrapper, whose retry bookkeeping
-        and observability hooks cost about 60 µs of CPU of a 140 µs call on
-        the benchmark machine, for retries that are off here anyway.
-        """
-        conn = self._checkout()
-        sent = False
-        try:
-            command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-            try:
-                conn.send_command(*command)
-                sent = True
-                return conn.read_response()
-            except redis.exceptions.NoScriptError:
-                self.client.script_load(script.script)  # Redis restarted or flushed its scripts
-                conn.send_command(*command)
-                return conn.read_response()
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            conn.disconnect()
-            if sent:
-                raise StorageError(
-                    "unavailable", "Redis did not answer in time; this change may or may not have been applied", 503
-                ) from exc
-            raise
-        finally:
-            # Disconnected or not, it holds no unread reply (redis-py
-            # disconnects on any error mid-read); it reconnects when next used.
-            self._idle.append(conn)
+        return self._fetch(key)[0]
 
     def add(self, key: str, field: str, by: int, ttl: int, create: bool = True) -> int | None:
-        args = [self._deadline(), field, by, ttl * 1000, int(create)]
         try:
-            value = self._call(self._evalsha, self._add, [self._key(key)], args)
+            value = self._script(_ADD, self._keys(key), [field, by, ttl * 1000, int(create)])
         except StorageError as exc:
             if exc.kind != "redis_error":
                 raise
@@ -298,48 +323,106 @@ class RedisStore(Store):
         return None if value is None else int(value)
 
     def update(self, key: str, change: Change, ttl: int, create: bool = True) -> Record | None:
-        rkey = self._key(key)
+        keys = self._keys(key)
         for _ in range(MAX_ATTEMPTS):
-            current, version = self._fetch(rkey)
+            current, version = self._fetch(key)
             if current is None and not create:
                 return None
             record = change(dict(current) if current else {})
-            args = [self._deadline(), version, ttl * 1000, *_encode(record)]
-            if self._call(self._evalsha, self._cas, [rkey], args) == 1:
+            if self._script(_CAS, keys, [version, ttl * 1000, *_encode(record)]) == 1:
                 return record
             self.on_contention()
         raise StorageError("contention", "too many concurrent updates of one session", 503)
 
     def delete(self, key: str) -> None:
-        self._call(self.client.delete, self._key(key))
+        keys = self._keys(key)
+        self._on(keys[0], lambda client: client.delete(*keys))
 
     def increment_global(self, by: int = 1) -> int:
-        return int(self._call(self._evalsha, self._incr, [self._global], [self._deadline(), by]))
+        return int(self._script(_INCR, [self._global], [by]))
 
     def read_global(self) -> int:
-        return int(self._call(self.client.get, self._global) or 0)
+        return int(self._on(self._global, lambda client: client.get(self._global)) or 0)
 
-    def _keys(self) -> Iterator[bytes]:
-        return self.client.scan_iter(match=self._session_prefix + "*", count=1000)
+    def _session_keys(self, client: redis.Redis) -> Iterator[bytes]:
+        return client.scan_iter(match=self._session_prefix + "*", count=1000)
 
     def stats(self, lifetime: int) -> Stats:
         def collect() -> Stats:
             count = size = 0
             soonest: int | None = None
-            for rkey in self._keys():
-                pipe = self.client.pipeline(transaction=False)
-                pipe.memory_usage(rkey).pttl(rkey)
-                usage, pttl = pipe.execute()
-                if usage is None or pttl == -2:
-                    continue  # expired between SCAN and now
-                count += 1
-                size += usage
-                if pttl >= 0:
-                    soonest = pttl if soonest is None else min(soonest, pttl)
+            for client in self.target.primaries():
+                for rkey in self._session_keys(client):
+                    pipe = client.pipeline(transaction=False)
+                    pipe.memory_usage(rkey).pttl(rkey)
+                    usage, pttl = pipe.execute()
+                    if usage is None or pttl == -2:
+                        continue  # expired between SCAN and now
+                    count += 1
+                    size += usage
+                    if pttl >= 0:
+                        soonest = pttl if soonest is None else min(soonest, pttl)
             oldest = None if soonest is None or not lifetime else lifetime - soonest / 1000
             return Stats(count, size, oldest)
 
-        return self._call(collect)  # type: ignore[no-any-return]
+        return self._checked(collect)
+
+    def prune(self, lifetime: int, progress: Callable[[PruneReport], None] | None = None) -> PruneReport:
+        """Redis expires sessions itself: report what is kept, as ``stats`` counts it."""
+        return PruneReport(kept=self.stats(lifetime).sessions)
+
+    def migrate(self, progress: Callable[[int], None] | None = None) -> int:
+        """Move every session stored under its raw id to its hashed key; return how many moved."""
+        if self.target.cluster:
+            return 0
+        moved = 0
+        try:
+            for client in self.target.primaries():
+                for rkey in self._session_keys(client):
+                    name = rkey.decode(errors="replace")[len(self._session_prefix) :]
+                    # The load script's preamble moves it, atomically and under its deadline.
+                    if not _HASHED.fullmatch(name) and self._script(_LOAD, self._keys(name), [], write=False):
+                        moved += 1
+                        if progress:
+                            progress(moved)
+        except Failure as exc:
+            raise _translate(exc) from exc
+        return moved
 
     def check(self) -> None:
-        self._call(self.client.set, self.prefix + "healthz", "ok", px=60_000)
+        # A write where the key lives (on a Cluster, routed like any key), and
+        # a PING to every other primary, which holds other sessions.
+        self._on(self.prefix + "healthz", lambda client: client.set(self.prefix + "healthz", "ok", px=60_000))
+        try:
+            for client in self.target.primaries():
+                client.ping()
+        except Failure as exc:
+            raise _translate(exc) from exc
+
+    def warnings(self) -> list[str]:
+        """Redis settings that would break Tally's promises, where Redis lets us read them.
+
+        Asked at most once a minute: ``/healthz`` reports them, and may be polled often.
+        """
+        now = time.monotonic()
+        if now - self._warned_at > WARNINGS_SECONDS:
+            self._warnings, self._warned_at = self._read_warnings(), now
+        return self._warnings
+
+    def _read_warnings(self) -> list[str]:
+        found = []
+        try:
+            for client in self.target.primaries():
+                policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
+                if policy and policy not in SAFE_EVICTION:
+                    found.append(
+                        f"Redis maxmemory-policy is {policy}: when memory runs short Redis deletes sessions; "
+                        "set it to noeviction"
+                    )
+        except Failure:
+            pass  # CONFIG is often disabled on managed Redis; nothing to say then
+        return sorted(set(found))
+
+    def close(self) -> None:
+        """Close every connection."""
+        self.target.close()
