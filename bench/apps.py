@@ -19,7 +19,7 @@ def stock() -> Flask:
     app = Flask(__name__)
     app.config["SECRET_KEY"] = "bench"
     if os.environ["BENCH_STORE"] == "redis":
-        import redis
+        import redis  # redis-py parses replies with hiredis whenever it is importable
 
         app.config.update(SESSION_TYPE="redis", SESSION_REDIS=redis.Redis.from_url(os.environ["BENCH_REDIS_URL"]))
     else:

@@ -4,7 +4,16 @@ Every system runs under gunicorn with the same workers and threads.  Runs
 alternate between systems, round after round, so a noisy machine slows all of
 them alike; the table shows medians, and ratios taken round by round, which is
 what holds on a shared 2-core machine.  The scale runs do the same with one
-Tally per store size.  Results go to docs/benchmarks.md and docs/benchmarks.png.
+Tally per store size.  Results go to docs/benchmarks.md and docs/benchmarks.png,
+and the main table to README.md's results block.
+
+Two more Tallys measure what waiting for a replica costs: both on a second
+Redis that has a replica attached, one with ``TALLY_REDIS_REPLICAS=0`` and one
+with ``=1`` (each write then waits for Redis's ``WAIT``).
+
+``--only redis`` (or ``files``, ``replicas``, ``scale``; comma-separated)
+measures part of it, beside the ceiling; such a run, or one with ``--out``
+elsewhere, leaves README.md alone, and a partial run must be given ``--out``.
 """
 
 from __future__ import annotations
@@ -26,10 +35,15 @@ from multiprocessing import Pool
 from pathlib import Path
 from typing import Any, TypeVar
 
+import redis
+import redis.utils
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
+DEFAULT_OUT = ROOT / "docs" / "benchmarks"
+#: The parts ``--only`` can pick; the ceiling always runs, as every ratio needs it.
+PARTS = ("files", "redis", "replicas", "scale")
 T = TypeVar("T")
 
 
@@ -40,6 +54,56 @@ def free_port() -> int:
 
 
 @dataclass
+class RedisServer:
+    """A redis-server on a free loopback port, saving nothing; a replica of ``primary`` if given."""
+
+    folder: Path
+    primary: RedisServer | None = None
+    port: int = 0
+    version: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.port = free_port()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        command = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"]
+        command += ["--dir", str(self.folder)]
+        if self.primary:
+            command += ["--replicaof", "127.0.0.1", str(self.primary.port)]
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                # A replica counts as started once its link to the primary is up.
+                if not self.primary or client.info("replication").get("master_link_status") == "up":
+                    self.version = client.info("server")["redis_version"]
+                    client.close()
+                    return
+            except redis.ConnectionError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.1)
+
+    def replication(self) -> dict[str, Any]:
+        client = redis.Redis(port=self.port, socket_timeout=5)
+        try:
+            return client.info("replication")
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(15)
+
+
+@dataclass
 class System:
     """One app under gunicorn."""
 
@@ -47,6 +111,12 @@ class System:
     target: str
     env: dict[str, str]
     sessions: bool = True
+    #: The stock recipe that the stock column divides by, run beside it in every round.
+    versus: str | None = None
+    #: Whether it talks to Redis (its workers are then checked for hiredis).
+    redis: bool = False
+    #: Whether hiredis was loaded in every worker, once started.
+    hiredis: bool | None = None
     #: A file of stored sessions' cookies for wrk to pick from (the scale runs).
     cookies: str | None = None
     port: int = 0
@@ -78,6 +148,15 @@ class System:
                 raise RuntimeError(f"{self.name} did not start")
             time.sleep(0.1)
 
+    def workers(self) -> list[str]:
+        assert self.proc
+        return Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+
+    def workers_loaded(self, library: str) -> bool:
+        """Whether every worker has mapped a shared library whose path contains ``library``."""
+        pids = self.workers()
+        return bool(pids) and all(library in Path(f"/proc/{pid}/maps").read_text() for pid in pids)
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -85,10 +164,8 @@ class System:
 
     def worker_rss(self) -> int:
         """The workers' resident memory, in bytes."""
-        assert self.proc
-        pids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
         total = 0
-        for pid in pids:
+        for pid in self.workers():
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
@@ -189,8 +266,8 @@ def median(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=4)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--connections", type=int, default=16)
@@ -199,33 +276,91 @@ def main() -> None:
     parser.add_argument(
         "--scale", default="1000,100000,1000000", help="stored sessions for the scale runs ('' to skip)"
     )
-    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
-    args = parser.parse_args()
-
-    work = Path(tempfile.mkdtemp(prefix="tally-bench-", dir=os.environ.get("BENCH_DIR")))
-    redis_port = free_port()
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    redis_proc = subprocess.Popen(
-        ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no", "--dir", str(work)],
-        stdout=subprocess.DEVNULL,
+    parser.add_argument(
+        "--only",
+        default=",".join(PARTS),
+        help=f"comma-separated parts to measure, of {', '.join(PARTS)} (redis includes replicas); "
+        "the no-session ceiling always runs",
     )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help=f"where the report goes, without .md/.png (default {DEFAULT_OUT.relative_to(ROOT)}); "
+        "README.md's results block is rewritten only by a full run to the default place",
+    )
+    args = parser.parse_args()
+    parts = {p.strip() for p in args.only.split(",") if p.strip()}
+    if not parts or not parts <= set(PARTS):
+        parser.error(f"--only takes a comma-separated list of {', '.join(PARTS)}, not {args.only!r}")
+    if "redis" in parts:
+        parts.add("replicas")
+    args.parts = parts
+    args.full = parts == set(PARTS)
+    if args.out is None:
+        args.out = str(DEFAULT_OUT)
+    if not args.full and Path(args.out).resolve() == DEFAULT_OUT.resolve():
+        parser.error("--only measures part of the benchmark: give --out somewhere outside docs/")
+    args.readme = args.full and Path(args.out).resolve() == DEFAULT_OUT.resolve()
+    args.replicas_seen = None
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    work = Path(tempfile.mkdtemp(prefix="tally-bench-", dir=os.environ.get("BENCH_DIR")))
+    # Tally and stock share one Redis; the replica rows have their own primary,
+    # with a replica, so that replication touches neither of those.
+    servers: dict[str, RedisServer] = {}
+    if "redis" in args.parts:
+        servers["redis"] = RedisServer(work / "redis")
+    if "replicas" in args.parts:
+        servers["primary"] = RedisServer(work / "primary")
+        servers["replica"] = RedisServer(work / "replica", primary=servers["primary"])
     tally = {"TALLY_INSTANCE_PATH": str(work / "instance"), "TALLY_SECRET_KEY": "bench"}
-    systems = [
-        System("Tally, files", "run:app", {**tally, "TALLY_SESSION_DIR": str(work / "tally-files")}),
-        System("stock, files", "apps:stock()", {"BENCH_STORE": "files", "BENCH_SESSION_DIR": str(work / "stock")}),
-        System("Tally, Redis", "run:app", {**tally, "TALLY_REDIS_URL": redis_url}),
-        System("stock, Redis", "apps:stock()", {"BENCH_STORE": "redis", "BENCH_REDIS_URL": redis_url}),
-        System("Flask, no session", "apps:ceiling()", {}, sessions=False),
-    ]
+    groups: list[list[System]] = []
+    systems: list[System] = []
     try:
-        time.sleep(0.5)
+        for server in servers.values():
+            server.start()
+        # Each Tally runs right beside what it is compared with, first on even
+        # rounds and second on odd ones; the pairs take turns to go first.
+        if "files" in args.parts:
+            groups.append(
+                [
+                    System("Tally, files", "run:app", {**tally, "TALLY_SESSION_DIR": str(work / "tally-files")},
+                           versus="stock, files"),
+                    System("stock, files", "apps:stock()",
+                           {"BENCH_STORE": "files", "BENCH_SESSION_DIR": str(work / "stock")}, versus="stock, files"),
+                ]
+            )  # fmt: skip
+        if "redis" in args.parts:
+            url = servers["redis"].url
+            groups.append(
+                [
+                    System("Tally, Redis", "run:app", {**tally, "TALLY_REDIS_URL": url}, versus="stock, Redis",
+                           redis=True),
+                    System("stock, Redis", "apps:stock()", {"BENCH_STORE": "redis", "BENCH_REDIS_URL": url},
+                           versus="stock, Redis", redis=True),
+                ]
+            )  # fmt: skip
+        if "replicas" in args.parts:
+            url = servers["primary"].url
+            zero, one = (f"Tally, Redis + replica, REPLICAS={n}" for n in (0, 1))
+            groups.append(
+                [
+                    System(zero, "run:app", {**tally, "TALLY_REDIS_URL": url, "TALLY_REDIS_REPLICAS": "0"},
+                           redis=True),
+                    System(one, "run:app", {**tally, "TALLY_REDIS_URL": url, "TALLY_REDIS_REPLICAS": "1"},
+                           redis=True),
+                ]
+            )  # fmt: skip
+        groups.append([System("Flask, no session", "apps:ceiling()", {}, sessions=False)])
+        systems = [s for g in groups for s in g]
         for system in systems:
             system.start(args.workers, args.threads)
             wrk(system.url, 1, args.connections)  # warm up
-        # Each Tally runs right beside the stock recipe it is compared with,
-        # first on even rounds and second on odd ones; the pairs take turns
-        # to go first.
-        groups = [systems[0:2], systems[2:4], systems[4:]]
+            if system.redis:
+                system.hiredis = system.workers_loaded("/hiredis/")
         for round_ in range(args.rounds):
             order = [s for g in rotated(groups, round_) for s in (g if round_ % 2 == 0 else g[::-1])]
             for mode in ("many", "shared"):
@@ -234,13 +369,19 @@ def main() -> None:
                         continue
                     result = run_once(system, mode, args.seconds, args.connections)
                     system.runs.setdefault(mode, []).append(result)
-                    print(f"round {round_ + 1} {system.name:18} {mode:6} {result['rps']:8.0f} req/s", flush=True)
+                    print(f"round {round_ + 1} {system.name:34} {mode:6} {result['rps']:8.0f} req/s", flush=True)
+        if "replica" in servers:
+            link = servers["replica"].replication().get("master_link_status")
+            if link != "up":
+                raise RuntimeError(f"the replica's link to its primary is {link!r} after the runs")
+            args.replicas_seen = servers["primary"].replication().get("connected_slaves")
     finally:
         for system in systems:
             system.stop()
-        redis_proc.terminate()
-        redis_proc.wait()
-    scale = run_scale(work, tally, args) if args.scale else []
+        for server in reversed(servers.values()):
+            server.stop()
+    args.redis_version = next((s.version for s in servers.values()), "")
+    scale = run_scale(work, tally, args) if args.scale and "scale" in args.parts else []
     write_report(systems, scale, args)
     shutil.rmtree(work, ignore_errors=True)
 
@@ -325,13 +466,15 @@ def write_report(systems: list[System], scale: list[dict[str, Any]], args: argpa
     by_name = {s.name: s for s in systems}
     ceiling_runs = by_name["Flask, no session"].runs["many"]
     ceiling = median(ceiling_runs, "rps")
+    command = "`make bench`" if args.full else f"`bench/harness.py --only {','.join(sorted(args.parts))}`"
     lines = [
-        f"`make bench` on this machine ({os.cpu_count()} cores, shared and noisy): gunicorn with "
+        f"{command} on this machine ({os.cpu_count()} cores, shared and noisy): gunicorn with "
         f"{args.workers} workers and {args.threads} threads for every system, wrk with {args.connections} connections "
         f"on `GET /inc`, {args.rounds} rounds of {args.seconds:g} s alternating between systems; medians. "
         "Ratios are the median of each round's ratio, with their range in brackets. "
         "*many*: each connection has its own cookie. *shared*: all connections send one cookie; "
         "*lost* counts increments answered 200 that the counter does not show.",
+        *redis_notes(systems, args),
         "",
         "| system | mode | req/s | p50 ms | p99 ms | lost | × stock | × ceiling |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -339,9 +482,8 @@ def write_report(systems: list[System], scale: list[dict[str, Any]], args: argpa
     for system in systems:
         for mode, runs in system.runs.items():
             rps = median(runs, "rps")
-            store = "files" if "files" in system.name else "Redis"
-            stock = by_name.get(f"stock, {store}")
-            versus = ratio(runs, stock.runs[mode]) if stock and system.sessions else ""
+            stock = by_name.get(system.versus or "")
+            versus = ratio(runs, stock.runs[mode]) if stock else ""
             lost = f"{sum(r.get('lost', 0) for r in runs):.0f} of {sum(r['requests'] for r in runs):.0f}"
             lines.append(
                 f"| {system.name} | {mode} | {rps:.0f} | {median(runs, 'p50_us') / 1000:.2f} | "
@@ -350,6 +492,27 @@ def write_report(systems: list[System], scale: list[dict[str, Any]], args: argpa
             )
     shared = [f"{s.name}: {ratio(s.runs['shared'], s.runs['many'])}" for s in systems if s.name.startswith("Tally")]
     lines += ["", f"One shared cookie ÷ a cookie per connection, in req/s: {'; '.join(shared)}."]
+    zero, one = (by_name.get(f"Tally, Redis + replica, REPLICAS={n}") for n in (0, 1))
+    if zero and one:
+        waits = [
+            f"{mode}: {ratio(one.runs[mode], zero.runs[mode])} in req/s, "
+            f"{ratio(one.runs[mode], zero.runs[mode], 'p99_us')} in p99"
+            for mode in ("many", "shared")
+        ]
+        lines += [
+            "",
+            f"Waiting for one replica ÷ not waiting (`TALLY_REDIS_REPLICAS=1` ÷ `0`, both on the primary with a "
+            f"replica, run side by side in every round): {'; '.join(waits)}. The goal is under 25% fewer requests "
+            "a second (a req/s ratio above 0.75).",
+        ]
+    failed = [
+        f"{s.name} {mode}: {sum(r['failed'] for r in runs):.0f} non-200, {sum(r['socket_errors'] for r in runs):.0f} "
+        "socket errors"
+        for s in systems
+        for mode, runs in s.runs.items()
+        if any(r["failed"] or r["socket_errors"] for r in runs)
+    ]
+    lines += ["", f"Answers other than 200, and socket errors: {'; '.join(failed) if failed else 'none'}."]
     if scale:
         lines += ["", "## With many sessions stored (Tally, files)", ""]
         lines += [
@@ -374,11 +537,48 @@ def write_report(systems: list[System], scale: list[dict[str, Any]], args: argpa
         lines += ["", f"`flask sessions prune` over {last['sessions']:,} stored sessions (1 in 31 expired) took "
                   f"{last['prune_seconds']:.1f} s: `{last['prune_output']}`"]  # fmt: skip
     write_between_markers(Path(args.out + ".md"), "\n".join(lines))
-    # The README shows the main table; the scale runs stay in docs/benchmarks.md.
-    main_table = "\n".join(lines[: lines.index("## With many sessions stored (Tally, files)") - 1] if scale else lines)
-    write_between_markers(ROOT / "README.md", main_table)
+    if args.readme:
+        # The README shows the main table; the scale runs stay in docs/benchmarks.md.
+        main_table = "\n".join(
+            lines[: lines.index("## With many sessions stored (Tally, files)") - 1] if scale else lines
+        )
+        write_between_markers(ROOT / "README.md", main_table)
     plot(systems, ceiling, args.out + ".png")
     print("\n".join(lines))
+
+
+def redis_notes(systems: list[System], args: argparse.Namespace) -> list[str]:
+    """A paragraph: what the Redis rows ran against, and whether redis-py parsed with hiredis in their workers."""
+    on_redis = [s for s in systems if s.redis]
+    if not on_redis:
+        return []
+    if redis.utils.HIREDIS_AVAILABLE:
+        from importlib.metadata import version
+
+        parser = f"hiredis {version('hiredis')} (`redis.utils.HIREDIS_AVAILABLE` is true)"
+    else:
+        parser = (
+            "its pure-Python parser (hiredis is not installed, or too old: `redis.utils.HIREDIS_AVAILABLE` is false)"
+        )
+    loaded = [s.name for s in on_redis if s.hiredis]
+    missing = [s.name for s in on_redis if not s.hiredis]
+    workers = f"hiredis was loaded in the workers of {'all of them' if not missing else ', '.join(loaded) or 'none'}"
+    if missing and loaded:
+        workers += f", not of {', '.join(missing)}"
+    notes = [
+        f"Redis rows: redis-server {args.redis_version} on loopback, saving nothing (`--save ''`, "
+        f"`--appendonly no`); redis-py {redis.__version__} parses replies with {parser}; {workers}."
+    ]
+    if "redis" in args.parts:
+        notes.append("*Tally, Redis* and *stock, Redis* share one Redis, with no replica.")
+    if "replicas" in args.parts:
+        notes.append(
+            "The two *REPLICAS* rows share another Redis, a primary with one replica on loopback (`--replicaof`; "
+            f"its link was up before the runs and after them, with {args.replicas_seen} replica connected): with "
+            "`TALLY_REDIS_REPLICAS=1` each write is answered only once `WAIT` says the replica has it, with `0` as "
+            "soon as the primary has it."
+        )
+    return ["", " ".join(notes)]
 
 
 BEGIN, END = "<!-- results: written by make bench -->", "<!-- end of results -->"
@@ -401,8 +601,8 @@ def plot(systems: list[System], ceiling: float, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
-    names = [s.name for s in systems]
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(systems)), 4), dpi=120)
+    names = [s.name.replace(", ", "\n") for s in systems]
     for offset, mode, colour, label in (
         (-0.2, "many", "#2a6", "a cookie per connection"),
         (0.2, "shared", "#e83", "one shared cookie"),
