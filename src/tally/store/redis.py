@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -174,7 +173,6 @@ class RedisStore(Store):
         self.prefix = prefix
         self._session_prefix = prefix + "session:"
         self._global = prefix + "global"
-        self._clock_lock = threading.Lock()
         self._offsets: dict[int, tuple[int, float]] = {}
         self._warnings: list[str] = []
         self._warned_at = -WARNINGS_SECONDS
@@ -229,16 +227,19 @@ class RedisStore(Store):
         than asking Redis the time on every write, which would cost a round trip.
         """
         now = time.monotonic()
-        offset, checked = self._offsets.get(id(client), (0, -CLOCK_CHECK_SECONDS))
-        if now - checked > CLOCK_CHECK_SECONDS:
-            with self._clock_lock:
-                offset, checked = self._offsets.get(id(client), (0, -CLOCK_CHECK_SECONDS))
-                if now - checked > CLOCK_CHECK_SECONDS:
-                    sent = time.monotonic()
-                    seconds, micros = client.time()
-                    received = time.monotonic()
-                    offset = seconds * 1_000_000 + micros - int((sent + received) * 500_000)
-                    self._offsets[id(client)] = (offset, received)
+        known = self._offsets.get(id(client))
+        if known is None or now - known[1] > CLOCK_CHECK_SECONDS:
+            if known is not None:
+                # Claimed before asking, with no lock held across the round trip:
+                # meanwhile, and if Redis does not answer, the other requests go
+                # on with the offset they have instead of queueing to ask again.
+                self._offsets[id(client)] = (known[0], now)
+            sent = time.monotonic()
+            seconds, micros = client.time()
+            received = time.monotonic()
+            known = (seconds * 1_000_000 + micros - int((sent + received) * 500_000), received)
+            self._offsets[id(client)] = known
+        offset = known[0]
         return int(time.monotonic() * 1_000_000) + offset + int(self.timeout * 500_000)
 
     def _script(self, script: _Script, keys: list[str], args: list[Any], write: bool = True) -> Any:
