@@ -3,9 +3,11 @@
 Command-line flags override these (``--workers 8``, ``--bind 0.0.0.0:8000``).
 """
 
+import hashlib
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -15,6 +17,8 @@ bind = os.environ.get("TALLY_BIND", "127.0.0.1:5000")
 # couple of processes per core use the CPU.
 workers = int(os.environ.get("WEB_CONCURRENCY", multiprocessing.cpu_count() * 2))
 worker_class = "gthread"
+# gunicorn runs "sync" with more than one thread as gthread: with --worker-class sync,
+# also pass --threads 1.  gevent ignores threads (--worker-connections instead).
 threads = int(os.environ.get("TALLY_THREADS", 4))
 # A session lock is held for microseconds and Redis gives up after 2 s, so a
 # request still running after 30 s is stuck: restart its worker.
@@ -32,8 +36,36 @@ _metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(pr
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
 
+# gunicorn 25.1+ serves a control socket for ``gunicornc``, and by default one
+# per user: $XDG_RUNTIME_DIR/gunicorn.ctl or ~/.gunicorn/gunicorn.ctl.  A second
+# instance on the machine would unlink the first one's socket and take the path
+# (and take it again at every worker it forks), and whichever stops first deletes
+# the other's.  So each instance gets its own, in gunicorn's folder and named
+# after its bind address, which no two running instances share:
+#
+#     gunicornc -s ~/.gunicorn/tally-127.0.0.1-5000.ctl -c "show workers"
+#
+# --control-socket PATH or --no-control-socket still choose otherwise.  It is set
+# in on_starting, as only there is the final --bind known.
+
+
+def _own_control_socket(server):
+    settings = server.cfg.settings
+    if "control_socket" not in settings:  # gunicorn before 25.1: no control socket
+        return
+    if server.cfg.control_socket_disable or server.cfg.control_socket != settings["control_socket"].default:
+        return
+    name = re.sub(r"[^A-Za-z0-9.]+", "-", " ".join(server.cfg.bind)).strip("-")
+    if len(name) > 40:  # a Unix socket's path has at most 107 bytes
+        name = hashlib.sha256(name.encode()).hexdigest()[:16]
+    folder = os.path.dirname(settings["control_socket"].default)
+    server.cfg.set("control_socket", os.path.join(folder, f"tally-{name}.ctl"))
+
+
 def on_starting(server):
-    """Start with an empty metrics folder: old files would add stale counts."""
+    """Give this instance its own control socket, and start with an empty metrics folder."""
+    _own_control_socket(server)
+    # Old metrics files would add stale counts.
     for name in os.listdir(_metrics_dir):
         path = os.path.join(_metrics_dir, name)
         if os.path.isfile(path):
@@ -48,6 +80,9 @@ def post_worker_init(worker):
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    # gunicorn logs "Booting worker" when it forks one; this says it has loaded the app
+    # and takes requests (the tests wait for it from every worker).
+    worker.log.info("Worker ready (pid: %s)", worker.pid)
 
 
 def child_exit(server, worker):

@@ -26,6 +26,9 @@ from pytest_redis.executor.process import RedisExecutor
 
 from tally import create_app
 
+# The Sentinel and Cluster fixtures (sentinel_setup, redis_cluster) live in their own module.
+pytest_plugins = ["topologies"]
+
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_ALL = os.environ.get("TALLY_REQUIRE_ALL") == "1"
 
@@ -109,9 +112,10 @@ class Server:
         return self._local.http  # type: ignore[no-any-return]
 
     def get(self, path: str, cookie: str | None = None, **kwargs: object) -> requests.Response:
-        """GET ``path``, with ``cookie`` as the session cookie when given."""
+        """GET ``path``, with ``cookie`` as the session cookie when given (timeout 30 s unless given)."""
         cookies = {"session": cookie} if cookie else None
-        return self.http().get(self.url + path, cookies=cookies, timeout=30, **kwargs)  # type: ignore[arg-type]
+        kwargs.setdefault("timeout", 30)
+        return self.http().get(self.url + path, cookies=cookies, **kwargs)  # type: ignore[arg-type]
 
     def new_client(self) -> str:
         """Create a session with one increment and return its cookie."""
@@ -146,6 +150,11 @@ class Server:
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
         return [int(pid) for pid in children.split()]
 
+    def ready(self) -> bool:
+        """Whether every worker says it has loaded the app."""
+        ready = {int(pid) for pid in re.findall(r"Worker ready \(pid: (\d+)\)", self.log.read_text())}
+        return set(self.workers()) <= ready
+
     def stop(self) -> None:
         """Stop gunicorn and wait for it."""
         for pool in self._pools:
@@ -171,12 +180,23 @@ def burst_across(
     return [value for outcome in outcomes for value in outcome.values]
 
 
+#: gunicorn's worker classes that the service supports.
+WORKER_CLASSES = ("sync", "gthread", "gevent")
+
+
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[ServerFactory]:
-    """Start gunicorn servers: ``serve(workers=4, threads=4, **TALLY_settings)``."""
+    """Start gunicorn servers: ``serve(workers=4, threads=4, worker_class="gthread", **TALLY_settings)``.
+
+    ``threads`` counts only for ``gthread``.  A ``sync`` worker gets ``--threads 1``, as
+    gunicorn.conf.py asks for threads and gunicorn quietly turns ``sync`` with more than
+    one thread into ``gthread``; a ``gevent`` worker takes up to 200 connections at once.
+    """
     started: list[Server] = []
 
-    def start(workers: int = 4, threads: int = 4, **settings: str) -> Server:
+    def start(workers: int = 4, threads: int = 4, worker_class: str = "gthread", **settings: str) -> Server:
+        if worker_class not in WORKER_CLASSES:
+            raise ValueError(f"unknown worker class {worker_class!r}")
         port = free_port()
         env = {
             **os.environ,
@@ -189,17 +209,24 @@ def serve(tmp_path: Path) -> Iterator[ServerFactory]:
         log = tmp_path / f"gunicorn-{port}.log"
         (tmp_path / f"metrics-{port}").mkdir()
         command = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"]
-        command += ["--workers", str(workers), "--threads", str(threads)]
+        command += ["--workers", str(workers), "--worker-class", worker_class]
+        command += ["--threads", str(threads if worker_class == "gthread" else 1)]
+        if worker_class == "gevent":
+            command += ["--worker-connections", "200"]
         command += ["--bind", f"127.0.0.1:{port}", "--timeout", "60", "run:app"]
         with log.open("wb") as out:
             proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         server = Server(f"http://127.0.0.1:{port}", proc, log, Path(env["TALLY_SESSION_DIR"]))
         started.append(server)
         deadline = time.monotonic() + 30
-        while len(server.workers()) < workers or not _answers(server.url):
+        # Every worker has loaded the app (gunicorn.conf.py logs it), not only the first:
+        # a worker still importing would take no request, and leave fewer than asked for.
+        while len(server.workers()) < workers or not server.ready() or not _answers(server.url):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"gunicorn did not start:\n{log.read_text()}")
             time.sleep(0.1)
+        # What gunicorn really runs, which is not always what was asked for (sync with threads).
+        assert f"Using worker: {worker_class}\n" in log.read_text(), log.read_text()
         return server
 
     yield start
@@ -211,7 +238,7 @@ def _answers(url: str) -> bool:
     try:
         with requests.get(url + "/global", timeout=2) as response:
             return response.status_code == 200
-    except requests.ConnectionError:
+    except (requests.ConnectionError, requests.Timeout):  # no worker up yet, or still importing the app
         return False
 
 
