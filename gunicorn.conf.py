@@ -72,14 +72,22 @@ def on_starting(server):
             os.unlink(path)
 
 
-def post_worker_init(worker):
-    """Send Tally's own warnings (storage faults, corrupt sessions) to stderr with gunicorn's."""
+def post_fork(server, worker):
+    """Send Tally's own warnings (storage faults, corrupt sessions) to stderr with gunicorn's.
+
+    Before the worker loads the app, so that what the app says as it starts
+    (a Redis that would evict sessions) is logged the same way.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"))
     log = logging.getLogger("tally")
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+
+
+def post_worker_init(worker):
+    """Say that the worker has loaded the app."""
     # gunicorn logs "Booting worker" when it forks one; this says it has loaded the app
     # and takes requests (the tests wait for it from every worker).
     worker.log.info("Worker ready (pid: %s)", worker.pid)

@@ -3,10 +3,17 @@
 Every process is a real ``redis-server`` started from a config file in its own folder, on free
 127.0.0.1 ports, so tests can kill, pause and restart nodes as real failures would. Every wait is
 bounded in time and in count, and the fixtures at the bottom always stop what they started.
+
+Each node, set-up and cluster may also require a password and speak TLS only (``password=``,
+``tls=``): then every link is secured, clients', replication, Sentinel's and the cluster bus alike,
+and ``url`` is the ``rediss://`` URL with the password and the CA that Tally needs. The
+certificates come from ``trustme``: a CA of the set-up's own, and a server certificate for
+127.0.0.1 and localhost, written into the set-up's folder.
 """
 
 from __future__ import annotations
 
+import enum
 import shutil
 import signal
 import socket
@@ -14,8 +21,10 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import pytest
 import redis
@@ -31,6 +40,9 @@ HOST = "127.0.0.1"
 DOWN_AFTER_MS = 2000
 #: Cluster's node timeout: a node silent for this long is suspected failing.
 NODE_TIMEOUT_MS = 1000
+#: The password of the secure fixtures. It holds characters that a URL must percent-encode (and
+#: a literal ``%2F``, which a second decoding would turn into ``/``), as generated passwords do.
+PASSWORD = "s3cret/p@ss:w%2Frd+"
 
 T = TypeVar("T")
 
@@ -80,9 +92,84 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval:
     raise TopologyError(f"{what}: not within {timeout:g} s{detail}")
 
 
-def _quote(path: Path) -> str:
+def _quote(value: Path | str) -> str:
     # Redis config values may be double-quoted; this keeps folders with spaces working.
-    return '"' + str(path).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """A CA's certificate, and a certificate it issued for 127.0.0.1 and localhost with its key (PEM files)."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    @classmethod
+    def create(cls, folder: Path) -> TLSFiles:
+        """Make a new CA and server certificate with ``trustme`` and write them into ``folder``."""
+        import trustme  # here, not at the top: only the secure fixtures need it
+
+        folder.mkdir(parents=True, exist_ok=True)
+        ca = trustme.CA()  # ECDSA keys, made in milliseconds
+        # Also a client certificate (trustme's leaves are for both): nodes present it on the links
+        # they open (replication, Sentinel, cluster bus), though tls-auth-clients no asks none.
+        leaf = ca.issue_cert(HOST, "localhost")
+        files = cls(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+        ca.cert_pem.write_to_path(str(files.ca_file))
+        for i, pem in enumerate(leaf.cert_chain_pems):
+            pem.write_to_path(str(files.cert_file), append=i > 0)
+        leaf.private_key_pem.write_to_path(str(files.key_file))
+        return files
+
+    def config(self) -> list[str]:
+        """The config lines that make a node listen with TLS only and open its own links with TLS.
+
+        ``tls-port`` and the replication, cluster-bus and Sentinel links come on top (see
+        ``RedisNode``). Clients need no certificate of their own: ``tls-auth-clients no``.
+        """
+        return [
+            "port 0",
+            f"tls-cert-file {_quote(self.cert_file)}",
+            f"tls-key-file {_quote(self.key_file)}",
+            f"tls-ca-cert-file {_quote(self.ca_file)}",
+            "tls-auth-clients no",
+            "tls-replication yes",
+        ]
+
+    def client_options(self) -> dict[str, Any]:
+        """redis-py's options for a client that trusts this CA (and checks the host name)."""
+        return {"ssl": True, "ssl_ca_certs": str(self.ca_file), "ssl_cert_reqs": "required"}
+
+
+class _Own(enum.Enum):
+    OWN = "own"
+
+
+#: "As the node or set-up itself is", for ``url_with``.
+OWN = _Own.OWN
+
+
+def make_url(
+    topology: str,
+    addresses: Sequence[str],
+    path: str = "",
+    *,
+    password: str | None = None,
+    tls: TLSFiles | None = None,
+    ca: bool = True,
+    query: str = "",
+) -> str:
+    """A Tally Redis URL: ``redis`` or ``rediss``, then ``topology`` ("", "+sentinel", "+cluster").
+
+    The password is percent-encoded; with ``tls`` and ``ca``, ``ssl_ca_certs`` names its CA; ``query``
+    (``name=value&...``) comes after that.
+    """
+    scheme = ("rediss" if tls else "redis") + topology
+    auth = f":{quote(password, safe='')}@" if password is not None else ""
+    args = [f"ssl_ca_certs={quote(str(tls.ca_file))}"] if tls and ca else []
+    args += [query] if query else []
+    return f"{scheme}://{auth}{','.join(addresses)}{path}" + ("?" + "&".join(args) if args else "")
 
 
 Settings = Sequence[str] | Callable[[], Sequence[str]]
@@ -93,14 +180,29 @@ class RedisNode:
 
     ``settings`` are extra config lines, or a function giving them when the config is first
     written (at the first start), so that they can name ports of nodes started before this one.
+
+    With ``password``, clients must authenticate (``requirepass``), and a data node gives it to its
+    primary (``masterauth``; all the nodes of a set-up share it), a Sentinel to the other Sentinels
+    (``sentinel sentinel-pass``). With ``tls``, it listens with TLS only: ``port`` is its
+    ``tls-port``, and its replication, cluster-bus and Sentinel links are TLS too.
     """
 
     def __init__(
-        self, folder: Path, *, settings: Settings = (), sentinel: bool = False, cluster: bool = False, port: int = 0
+        self,
+        folder: Path,
+        *,
+        settings: Settings = (),
+        sentinel: bool = False,
+        cluster: bool = False,
+        port: int = 0,
+        password: str | None = None,
+        tls: TLSFiles | None = None,
     ) -> None:
         self.folder = folder
         self.sentinel = sentinel
         self.cluster = cluster
+        self.password = password
+        self.tls = tls
         self._settings = settings
         # A port given by the caller may be named in other nodes' configs: it never changes. One
         # chosen here may be taken by another process before the server binds it: the first
@@ -123,8 +225,22 @@ class RedisNode:
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0``."""
-        return f"redis://{HOST}:{self.port}/0"
+        """``redis://127.0.0.1:PORT/0``; secured, ``rediss://:PASSWORD@127.0.0.1:PORT/0?ssl_ca_certs=CA``."""
+        return self.url_with()
+
+    def url_with(
+        self, *, password: str | None | _Own = OWN, tls: bool | _Own = OWN, ca: bool = True, query: str = ""
+    ) -> str:
+        """This node's URL with another password (None: none), with TLS or not, with or without the CA."""
+        return make_url(
+            "",
+            [self.address],
+            "/0",
+            password=self.password if password is OWN else password,
+            tls=self.tls if tls is OWN or tls else None,
+            ca=ca,
+            query=query,
+        )
 
     @property
     def address(self) -> str:
@@ -143,6 +259,19 @@ class RedisNode:
             f"dir {_quote(self.folder)}",
             f"logfile {_quote(self.log_file)}",
         ]
+        if self.tls:
+            # Last wins in a Redis config: "port 0" overrides the plain port above.
+            lines += [*self.tls.config(), f"tls-port {self.port}"]
+            if self.cluster:
+                lines.append("tls-cluster yes")
+        if self.password is not None:
+            lines.append(f"requirepass {_quote(self.password)}")
+            # A Sentinel authenticates to the other Sentinels with sentinel-pass.
+            lines.append(
+                f"sentinel sentinel-pass {_quote(self.password)}"
+                if self.sentinel
+                else f"masterauth {_quote(self.password)}"
+            )
         if not self.sentinel:
             lines += [
                 "appendonly yes",
@@ -249,7 +378,11 @@ class RedisNode:
         stop_all([self], timeout)
 
     def client(self, **overrides: Any) -> redis.Redis:
-        """A client for this node: short timeouts and no retries, so a failure shows at once."""
+        """A client for this node: short timeouts and no retries, so a failure shows at once.
+
+        A secured node's client has its password and trusts its CA (override ``password`` or
+        ``ssl`` to do otherwise).
+        """
         options: dict[str, Any] = {
             "host": HOST,
             "port": self.port,
@@ -258,6 +391,8 @@ class RedisNode:
             # redis-py 8 retries 10 times with backoff by default, which would hide failures.
             "retry": Retry(NoBackoff(), 0),
             "decode_responses": True,
+            "password": self.password,
+            **(self.tls.client_options() if self.tls else {}),
         }
         options.update(overrides)
         return redis.Redis(**options)
