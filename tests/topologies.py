@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
 import pytest
@@ -123,13 +123,12 @@ class TLSFiles:
         return files
 
     def config(self) -> list[str]:
-        """The config lines that make a node listen with TLS only and open its own links with TLS.
+        """The config lines for a node's certificate, its CA, and TLS on the replication and Sentinel links.
 
-        ``tls-port`` and the replication, cluster-bus and Sentinel links come on top (see
-        ``RedisNode``). Clients need no certificate of their own: ``tls-auth-clients no``.
+        ``port 0`` and ``tls-port`` come on top (see ``RedisNode``), and ``tls-cluster yes`` for
+        cluster nodes. Clients need no certificate of their own: ``tls-auth-clients no``.
         """
         return [
-            "port 0",
             f"tls-cert-file {_quote(self.cert_file)}",
             f"tls-key-file {_quote(self.key_file)}",
             f"tls-ca-cert-file {_quote(self.ca_file)}",
@@ -147,7 +146,7 @@ class _Own(enum.Enum):
 
 
 #: "As the node or set-up itself is", for ``url_with``.
-OWN = _Own.OWN
+OWN: Final = _Own.OWN
 
 
 def make_url(
@@ -229,7 +228,7 @@ class RedisNode:
         return self.url_with()
 
     def url_with(
-        self, *, password: str | None | _Own = OWN, tls: bool | _Own = OWN, ca: bool = True, query: str = ""
+        self, *, password: str | _Own | None = OWN, tls: bool | _Own = OWN, ca: bool = True, query: str = ""
     ) -> str:
         """This node's URL with another password (None: none), with TLS or not, with or without the CA."""
         return make_url(
@@ -254,19 +253,20 @@ class RedisNode:
 
     def _write_config(self) -> None:
         lines = [
-            f"port {self.port}",
+            # With TLS only, no plain port: ``port`` is the tls-port.
+            f"port {0 if self.tls else self.port}",
             f"bind {HOST}",
             f"dir {_quote(self.folder)}",
             f"logfile {_quote(self.log_file)}",
         ]
         if self.tls:
-            # Last wins in a Redis config: "port 0" overrides the plain port above.
-            lines += [*self.tls.config(), f"tls-port {self.port}"]
+            lines += [f"tls-port {self.port}", *self.tls.config()]
             if self.cluster:
                 lines.append("tls-cluster yes")
         if self.password is not None:
             lines.append(f"requirepass {_quote(self.password)}")
-            # A Sentinel authenticates to the other Sentinels with sentinel-pass.
+            # A Sentinel gives sentinel-pass to the other Sentinels. Without it, Redis 7.0 falls back on
+            # requirepass (checked: they still ping each other fine); said explicitly all the same.
             lines.append(
                 f"sentinel sentinel-pass {_quote(self.password)}"
                 if self.sentinel
@@ -491,7 +491,13 @@ def _flags(state: dict[str, Any]) -> set[str]:
 
 
 class SentinelSetup:
-    """One primary, two replicas and three Sentinels (quorum 2) watching them as ``service``."""
+    """One primary, two replicas and three Sentinels (quorum 2) watching them as ``service``.
+
+    With ``password``, the data nodes and the Sentinels all require it, and the Sentinels give it to
+    the data nodes (``sentinel auth-pass``) and to each other: one URL's credentials serve both, as
+    Tally's ``redis+sentinel://`` URL has them. With ``tls``, data nodes and Sentinels listen with TLS
+    only and talk TLS to each other.
+    """
 
     def __init__(
         self,
@@ -499,15 +505,25 @@ class SentinelSetup:
         service: str = "tally",
         down_after_ms: int = DOWN_AFTER_MS,
         failover_timeout_ms: int = 5000,
+        *,
+        password: str | None = None,
+        tls: TLSFiles | None = None,
     ) -> None:
         self.folder = folder
         self.service = service
         self.down_after_ms = down_after_ms
         self.failover_timeout_ms = failover_timeout_ms
-        primary = RedisNode(folder / "data-0")
+        self.password = password
+        self.tls = tls
+        primary = RedisNode(folder / "data-0", password=password, tls=tls)
         replicas = [
             # Written when they start, after the primary: its port is final by then.
-            RedisNode(folder / f"data-{i}", settings=lambda: [f"replicaof {HOST} {primary.port}"])
+            RedisNode(
+                folder / f"data-{i}",
+                settings=lambda: [f"replicaof {HOST} {primary.port}"],
+                password=password,
+                tls=tls,
+            )
             for i in (1, 2)
         ]
         self.nodes = [primary, *replicas]
@@ -524,8 +540,25 @@ class SentinelSetup:
 
     @property
     def url(self) -> str:
-        """``redis+sentinel://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3/SERVICE``."""
-        return "redis+sentinel://" + ",".join(s.address for s in self.sentinels) + f"/{self.service}"
+        """``redis+sentinel://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3/SERVICE``.
+
+        Secured: ``rediss+sentinel://:PASSWORD@.../SERVICE?ssl_ca_certs=CA``.
+        """
+        return self.url_with()
+
+    def url_with(
+        self, *, password: str | _Own | None = OWN, tls: bool | _Own = OWN, ca: bool = True, query: str = ""
+    ) -> str:
+        """The URL with another password (None: none), with TLS or not, with or without the CA."""
+        return make_url(
+            "+sentinel",
+            [s.address for s in self.sentinels],
+            f"/{self.service}",
+            password=self.password if password is OWN else password,
+            tls=self.tls if tls is OWN or tls else None,
+            ca=ca,
+            query=query,
+        )
 
     @property
     def sentinel_addresses(self) -> list[tuple[str, int]]:
@@ -545,6 +578,8 @@ class SentinelSetup:
                 f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
                 f"sentinel parallel-syncs {name} 1",
             ]
+            if self.password is not None:
+                settings.append(f"sentinel auth-pass {name} {_quote(self.password)}")
             # Told up front about the replicas and each other, the Sentinels need not wait for the
             # primary's INFO (every 10 s) and each other's hello messages (every 2 s) to find them.
             settings += [f"sentinel known-replica {name} {HOST} {node.port}" for node in self.replicas]
@@ -554,7 +589,9 @@ class SentinelSetup:
                 if other_port != port
             ]
             folder = self.folder / (f"sentinel-{i}" if not attempt else f"sentinel-{i}-retry{attempt}")
-            sentinels.append(RedisNode(folder, port=port, sentinel=True, settings=settings))
+            sentinels.append(
+                RedisNode(folder, port=port, sentinel=True, settings=settings, password=self.password, tls=self.tls)
+            )
         return sentinels
 
     def start(self, timeout: float = 20.0) -> None:
@@ -679,22 +716,54 @@ def _port_of(address: str) -> int:
 
 
 class ClusterSetup:
-    """Six cluster nodes: three primaries with one replica each, made by ``redis-cli --cluster create``."""
+    """Six cluster nodes: three primaries with one replica each, made by ``redis-cli --cluster create``.
 
-    def __init__(self, folder: Path, node_timeout_ms: int = NODE_TIMEOUT_MS) -> None:
+    With ``password``, every node requires it and gives it to its primary; with ``tls``, every node
+    listens with TLS only, and the cluster bus and replication are TLS too (``tls-cluster yes``).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        node_timeout_ms: int = NODE_TIMEOUT_MS,
+        *,
+        password: str | None = None,
+        tls: TLSFiles | None = None,
+    ) -> None:
         self.folder = folder
         self.node_timeout_ms = node_timeout_ms
+        self.password = password
+        self.tls = tls
         settings = [
             f"cluster-node-timeout {node_timeout_ms}",
             # 0: a replica takes over however long its link has been down, so a lagging one still does.
             "cluster-replica-validity-factor 0",
         ]
-        self.nodes = [RedisNode(folder / f"node-{i}", cluster=True, settings=settings) for i in range(6)]
+        self.nodes = [
+            RedisNode(folder / f"node-{i}", cluster=True, settings=settings, password=password, tls=tls)
+            for i in range(6)
+        ]
 
     @property
     def url(self) -> str:
-        """``redis+cluster://127.0.0.1:P1,...`` with all six nodes."""
-        return "redis+cluster://" + ",".join(node.address for node in self.nodes)
+        """``redis+cluster://127.0.0.1:P1,...`` with all six nodes.
+
+        Secured: ``rediss+cluster://:PASSWORD@127.0.0.1:P1,...?ssl_ca_certs=CA``.
+        """
+        return self.url_with()
+
+    def url_with(
+        self, *, password: str | _Own | None = OWN, tls: bool | _Own = OWN, ca: bool = True, query: str = ""
+    ) -> str:
+        """The URL with another password (None: none), with TLS or not, with or without the CA."""
+        return make_url(
+            "+cluster",
+            [node.address for node in self.nodes],
+            password=self.password if password is OWN else password,
+            tls=self.tls if tls is OWN or tls else None,
+            ca=ca,
+            query=query,
+        )
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -710,6 +779,10 @@ class ClusterSetup:
             node.wait_ready(deadline - time.monotonic())
         command = [redis_cli() or "redis-cli", "--cluster", "create", *(n.address for n in self.nodes)]
         command += ["--cluster-replicas", "1", "--cluster-yes"]
+        if self.tls:
+            command += ["--tls", "--cacert", str(self.tls.ca_file)]
+        if self.password is not None:
+            command += ["-a", self.password, "--no-auth-warning"]
         # redis-cli waits for the nodes to agree, checking once a second: about 1 s of the start-up.
         created = subprocess.run(
             command, capture_output=True, text=True, timeout=max(1.0, deadline - time.monotonic()), check=False
@@ -832,6 +905,15 @@ def _need(binary: str | None, name: str) -> None:
         unavailable(f"{name} is not installed: apt-get install -y redis-server (it brings redis-cli)")
 
 
+def _need_trustme() -> None:
+    try:
+        import trustme  # noqa: F401
+    except ImportError:
+        from conftest import unavailable
+
+        unavailable("trustme is not installed: pip install 'trustme>=1.1'")
+
+
 @pytest.fixture
 def sentinel_setup(tmp_path: Path) -> Iterator[SentinelSetup]:
     """A started Sentinel set-up of this test's own; stopped afterwards whatever happened."""
@@ -850,6 +932,49 @@ def redis_cluster(tmp_path: Path) -> Iterator[ClusterSetup]:
     _need(redis_server(), "redis-server")
     _need(redis_cli(), "redis-cli")
     setup = ClusterSetup(tmp_path / "cluster")
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
+
+
+@pytest.fixture
+def secure_redis(tmp_path: Path) -> Iterator[RedisNode]:
+    """A started ``redis-server`` of this test's own, TLS only and requiring ``PASSWORD``; stopped afterwards."""
+    _need(redis_server(), "redis-server")
+    _need_trustme()
+    folder = tmp_path / "secure-redis"
+    node = RedisNode(folder / "data", password=PASSWORD, tls=TLSFiles.create(folder / "tls"))
+    try:
+        node.start()
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture
+def secure_sentinel_setup(tmp_path: Path) -> Iterator[SentinelSetup]:
+    """``sentinel_setup`` with TLS only and ``PASSWORD`` on every data node and Sentinel."""
+    _need(redis_server(), "redis-server")
+    _need_trustme()
+    folder = tmp_path / "secure-sentinel"
+    setup = SentinelSetup(folder, password=PASSWORD, tls=TLSFiles.create(folder / "tls"))
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
+
+
+@pytest.fixture
+def secure_redis_cluster(tmp_path: Path) -> Iterator[ClusterSetup]:
+    """``redis_cluster`` with TLS only (the cluster bus included) and ``PASSWORD`` on every node."""
+    _need(redis_server(), "redis-server")
+    _need(redis_cli(), "redis-cli")
+    _need_trustme()
+    folder = tmp_path / "secure-cluster"
+    setup = ClusterSetup(folder, password=PASSWORD, tls=TLSFiles.create(folder / "tls"))
     try:
         setup.start()
         yield setup

@@ -116,8 +116,29 @@ _MAYBE = "this change may or may not have been applied"
 Failure = (redis.RedisError, rx.RedisClusterException)
 
 
+_REFUSALS = (rx.AuthenticationError, rx.AuthorizationError, rx.NoPermissionError)
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was caused by, Redis refusing our credentials.
+
+    A Cluster client that no startup node would let in raises RedisClusterException
+    *from* the AuthenticationError; the cause says what went wrong.
+    """
+    seen: BaseException | None = exc
+    for _ in range(10):  # bounded: a cause chain is short, and could loop
+        if seen is None:
+            return False
+        if isinstance(seen, _REFUSALS):
+            return True
+        seen = seen.__cause__
+    return False
+
+
 def _translate(exc: Exception) -> Exception:
     text = str(exc)
+    if _refused(exc):
+        return StorageError("permission", "Redis refused our credentials", 503)
     if isinstance(exc, rx.ResponseError):
         if "TALLY_LATE" in text:
             return StorageError("unavailable", "Redis answered too late", 503)

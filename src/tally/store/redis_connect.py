@@ -29,7 +29,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import SSLConnection, parse_url
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import MasterNotFoundError, Sentinel
 
 #: The URL schemes Tally reads, for messages.
 SCHEMES = "redis://, rediss://, unix://, redis+sentinel://, rediss+sentinel://, redis+cluster:// or rediss+cluster://"
@@ -116,6 +116,29 @@ class ClusterTarget(Target):
             self._cluster.close()
 
 
+class _Sentinel(Sentinel):
+    """redis-py's Sentinel client, which says so when the sentinels refuse our credentials.
+
+    redis-py's ``discover_master`` keeps only the text of each sentinel's error and raises
+    MasterNotFoundError, which reads as "no primary is known (a failover?)": no failover ends a
+    wrong password.  On that failure path only, each sentinel is asked once more (PING), and a
+    refusal is raised as itself, from the MasterNotFoundError.
+    """
+
+    def discover_master(self, service_name: str) -> Any:
+        try:
+            return super().discover_master(service_name)
+        except MasterNotFoundError as exc:
+            for sentinel in self.sentinels:
+                try:
+                    sentinel.ping()
+                except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as refused:
+                    raise refused from exc
+                except redis.RedisError:
+                    continue
+            raise
+
+
 def _hosts(netloc: str, default_port: int) -> Iterator[tuple[str, int]]:
     for item in netloc.rpartition("@")[2].split(","):
         host, colon, port = item.strip().rpartition(":")
@@ -155,7 +178,7 @@ def connect(url: str, timeout: float) -> Target:
     if not 1 <= len(segments) <= 2 or (len(segments) == 2 and not segments[1].isdigit()):
         raise ValueError("a redis+sentinel:// URL ends with /SERVICE or /SERVICE/DB")
     db = int(segments[1]) if len(segments) == 2 else 0
-    sentinel = Sentinel(
+    sentinel = _Sentinel(
         nodes,
         sentinel_kwargs={**options, **common, "retry": no_retries()},
         retry=no_retries(),
