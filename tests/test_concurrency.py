@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 
 from conftest import ServerFactory, burst_across, counter_of
 
@@ -116,3 +117,14 @@ def test_a_lock_held_by_a_killed_process_is_released(serve: ServerFactory) -> No
     began = time.monotonic()
     assert server.get("/inc", cookie).text == "counter is 2"
     assert time.monotonic() - began < 1
+
+
+def test_reset_then_concurrent_increments_from_one_cookie_jar_end_at_exactly_n(serve: ServerFactory) -> None:
+    # The original question's script: reset first, then increment from many threads with one jar.
+    server = serve(workers=4, threads=4)
+    with requests.Session() as jar:
+        assert jar.post(server.url + "/reset", timeout=30).text == "counter was reset"
+        with ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(lambda _: jar.get(server.url + "/inc", timeout=30).text, range(200)))
+        assert sorted(counter_of(a) for a in answers) == list(range(1, 201))
+        assert jar.get(server.url + "/counter", timeout=30).text == "counter is 200"

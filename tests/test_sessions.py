@@ -59,10 +59,20 @@ def test_a_read_leaves_the_stored_session_untouched(app: Flask, client: FlaskCli
     assert "Set-Cookie" not in client.get("/counter").headers
 
 
-def test_a_request_with_no_session_stores_nothing(app: Flask, client: FlaskClient) -> None:
+def test_a_read_with_no_session_stores_nothing(app: Flask, client: FlaskClient) -> None:
     assert client.get("/counter").text == "counter is 0"
-    assert client.get("/").text == "counter was reset"
+    assert client.get("/global").text == "global counter is 0"
     assert session_files(app) == []
+    assert client.get_cookie("session") is None
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/"), ("POST", "/"), ("POST", "/reset")])
+def test_a_reset_creates_the_session_it_reports(app: Flask, client: FlaskClient, method: str, path: str) -> None:
+    response = client.open(path, method=method)
+    assert response.text == "counter was reset" and "Set-Cookie" in response.headers
+    assert len(session_files(app)) == 1
+    assert client.get("/inc").text == "counter is 1", "the next increment counts in the same session"
+    assert len(session_files(app)) == 1
 
 
 def test_thousands_of_sessions_are_all_kept(app: Flask) -> None:

@@ -62,8 +62,13 @@ def add(step: int) -> int:
 
 
 def reset() -> None:
-    """Set this client's counter to 0; a client with no stored session has nothing to reset."""
-    _interface().update(current_app, _session(), lambda record: record | {"counter": 0}, create=False)
+    """Set this client's counter to 0, creating its session if it has none.
+
+    Created, not skipped: a script that resets first and then increments from
+    many threads with one cookie jar needs the cookie from the reset, or each
+    thread's first increment would make a session of its own.
+    """
+    _interface().update(current_app, _session(), lambda record: record | {"counter": 0})
 
 
 def read_global() -> int:
