@@ -1,12 +1,13 @@
 # make run: serve on http://127.0.0.1:5000 (PORT=8000 make run for another port)
 # make test: install the test extras and run the whole suite
+# make demo: the question's global counter, stock Flask-Session and Tally under the same load, in one table
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: run test lint format bench clean
+.PHONY: run test demo lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,10 @@ run: $(VENV)/.installed-run
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Needs only what make run installs: gunicorn on loopback ports, sessions on files.
+demo: $(VENV)/.installed-run
+	$(BIN)/python bench/demo.py
 
 # Needs wrk and redis-server (apt-get install -y wrk redis-server). BENCH_ARGS="--scale ''" skips the 1M-session run.
 bench: $(VENV)/.installed-bench

@@ -30,6 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
@@ -37,7 +39,6 @@ from typing import Any, TypeVar
 
 import redis
 import redis.utils
-import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -51,6 +52,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+#: urllib with no proxy: the systems are on loopback, whatever ``http_proxy`` says.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def status_of(url: str) -> int | None:
+    """A GET's HTTP status, or None when nothing answers yet.
+
+    The standard library's client, not requests: ``make demo`` starts systems
+    with only what ``make run`` installs.  A time-out is "not yet" too: the
+    listening socket takes connections as soon as gunicorn's master binds it,
+    and on a busy machine a worker can take more than a second to load the app.
+    """
+    try:
+        with DIRECT.open(url, timeout=1) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        error.close()
+        return error.code
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
 
 
 @dataclass
@@ -135,15 +158,14 @@ class System:
         if self.target.startswith("apps:"):
             command += ["--pythonpath", str(BENCH)]
         command += ["--threads", str(threads), "--bind", f"127.0.0.1:{self.port}"]
-        env = {**os.environ, **self.env, "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="bench-metrics-")}
+        # A system may bring its own metrics folder (the demo's is in its work folder, deleted after).
+        metrics = self.env.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="bench-metrics-")
+        env = {**os.environ, **self.env, "PROMETHEUS_MULTIPROC_DIR": metrics}
         self.proc = subprocess.Popen([*command, self.target], cwd=ROOT, env=env)
         deadline = time.monotonic() + 30
         while True:
-            try:
-                if requests.get(self.url + "/counter", timeout=1).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
+            if status_of(self.url + "/counter") == 200:
+                return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name} did not start")
             time.sleep(0.1)
@@ -191,10 +213,14 @@ def wrk(
 
 
 def counter(system: System, cookie: str) -> int:
+    import requests  # the bench extra's; only the wrk runs need it
+
     return int(requests.get(system.url + "/counter", cookies={"session": cookie}, timeout=10).text.split()[-1])
 
 
 def run_once(system: System, mode: str, seconds: float, connections: int) -> dict[str, float]:
+    import requests  # the bench extra's; only the wrk runs need it
+
     if mode == "many":
         return wrk(system.url, seconds, connections)
     cookie = requests.get(system.url + "/inc", timeout=10).cookies["session"]
