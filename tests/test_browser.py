@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -111,3 +113,73 @@ def test_the_page_fits_a_phone(browser: Any, server: Server) -> None:
     assert width <= 360, "no sideways scrolling"
     OUTPUT.mkdir(exist_ok=True)
     page.screenshot(path=str(OUTPUT / "page-phone.png"), full_page=True)
+
+
+@pytest.fixture
+def other_site(server: Server) -> Iterator[str]:
+    """Another site, with a link to Tally's ``/inc?by=1000``: ``localhost`` is another site than 127.0.0.1."""
+    page = f'<!doctype html><title>Win a prize</title><a href="{server.url}/inc?by=1000">Claim your prize</a>'
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = page.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # keep the test output clean
+
+    site = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=site.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    yield f"http://localhost:{site.server_address[1]}/"
+    site.shutdown()
+    site.server_close()
+    thread.join(5)
+
+
+def test_a_link_from_another_site_changes_nothing_and_offers_a_button(
+    browser: Any, server: Server, other_site: str
+) -> None:
+    from playwright.sync_api import expect
+
+    page = open_page(browser, server)
+    page.get_by_role("button", name="+1").click()
+    expect(page.locator("#count")).to_have_text("1")  # the visitor has a session cookie
+
+    sent: list[dict[str, str]] = []
+    page.on("request", lambda r: sent.append(r.all_headers()) if "/inc?by=1000" in r.url else None)
+    page.goto(other_site)
+    page.get_by_role("link", name="Claim your prize").click()
+    expect(page.get_by_role("heading", name="Nothing was changed")).to_be_visible()
+    assert sent and sent[0].get("sec-fetch-site") == "cross-site", "Chromium calls the link cross-site"
+    assert "session=" in sent[0].get("cookie", ""), "SameSite=Lax sent the cookie: only Tally's refusal stopped it"
+    assert page.context.request.get(server.url + "/counter").text() == "counter is 1"
+    OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "cross-site-refused.png"), full_page=True)
+
+    page.get_by_role("button", name="Add 1000 to your counter").click()
+    expect(page.locator("#count")).to_have_text("1001")
+    assert page.url == server.url + "/", "a same-site POST, then a 303 back to the page"
+    # Chromium logs the refusal's 403 itself; anything else would be a script error or CSP violation.
+    assert [e for e in page.errors if "status of 403" not in e] == []
+
+
+@pytest.mark.parametrize(("typed", "plus", "minus", "after_plus"), [("5", "+5", "−5", 5), ("-5", "−5", "+5", -5)])
+def test_the_buttons_say_what_they_do_whatever_step_is_typed(
+    browser: Any, server: Server, typed: str, plus: str, minus: str, after_plus: int
+) -> None:
+    from playwright.sync_api import expect
+
+    page = open_page(browser, server)
+    page.get_by_label("Step").fill(typed)
+    expect(page.locator("#plus")).to_have_text(plus)
+    expect(page.locator("#minus")).to_have_text(minus)
+    page.locator("#plus").click()
+    expect(page.locator("#count")).to_have_text(str(after_plus))
+    page.locator("#minus").click()
+    expect(page.locator("#count")).to_have_text("0")
+    assert not page.errors

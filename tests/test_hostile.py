@@ -15,7 +15,7 @@ from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import CHROMIUM, ServerFactory
+from conftest import CHROMIUM, ServerFactory, json_of
 from tally import create_app
 
 LATIN1 = st.text(st.characters(min_codepoint=32, max_codepoint=255), max_size=300)
@@ -74,14 +74,38 @@ def test_any_path_and_method_is_answered_below_500(shared: tuple[Flask, FlaskCli
 
 
 @pytest.mark.parametrize("route", ["/", "/inc", "/dec", "/global/inc"])
-def test_head_never_changes_anything(client: FlaskClient, route: str) -> None:
+def test_head_is_answered_and_never_changes_anything(client: FlaskClient, route: str) -> None:
     client.get("/inc?by=2")
     before = client.get("/global").text
-    for accept in ("*/*", CHROMIUM):
-        assert client.head(route, headers={"Accept": accept}).status_code == 405
+    for accept in ("*/*", "application/json", CHROMIUM):
+        response = client.head(route, headers={"Accept": accept})
+        assert response.status_code in (200, 303) and response.data == b""
     assert client.get("/counter").text == "counter is 2"
     assert client.get("/global").text == before
     assert client.head("/counter").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("by", "counted"),
+    [("00000000000000000000005", 5), ("-0007", -7), ("+000", 0), ("0" * 4095 + "9", 9), ("0" * 4096, 0)],
+)
+def test_leading_zeros_are_a_number(client: FlaskClient, by: str, counted: int) -> None:
+    assert client.post("/inc", data={"by": by}).text == f"counter is {counted}"
+
+
+@pytest.mark.parametrize(
+    ("by", "says"),
+    [
+        ("0" * 4096 + "5", "at most 4096 characters"),
+        ("0" * 16_000, "at most 4096 characters"),  # fits the 16 KiB body; int() alone would raise
+        ("000" + str(2**63), "signed 64-bit"),
+        ("0x10", "whole number"),
+    ],
+)
+def test_a_step_too_long_or_out_of_range_is_a_clear_400(client: FlaskClient, by: str, says: str) -> None:
+    response = client.post("/inc", data={"by": by})
+    assert response.status_code == 400 and says in response.text
+    assert client.get("/counter").text == "counter is 0"
 
 
 def test_an_oversized_body_is_a_413(client: FlaskClient) -> None:
@@ -102,6 +126,90 @@ def test_a_cross_site_post_is_refused(client: FlaskClient, route: str) -> None:
     assert (
         client.post("/inc", headers={"Origin": "http://localhost", "Sec-Fetch-Site": "same-origin"}).status_code == 200
     )
+
+
+#: Tally as the tests' browser would reach it; other sites are what a browser calls foreign.
+TALLY = "https://tally.example"
+FOREIGN = [
+    {"Sec-Fetch-Site": "cross-site"},
+    {"Origin": "https://tally.example.evil"},
+    {"Origin": "http://tally.example"},  # another scheme
+    {"Origin": "https://tally.example:8443"},  # another port
+    {"Origin": "https://evil.example"},
+    {"Origin": "null"},
+    {"Origin": "https://tally.example/inc"},  # no origin at all
+]
+#: What scripts and same-site browsers send: they keep working.
+OWN = [
+    {},
+    {"Origin": TALLY},
+    {"Origin": "https://tally.example:443"},
+    {"Sec-Fetch-Site": "same-origin"},
+    {"Sec-Fetch-Site": "same-site"},
+    {"Sec-Fetch-Site": "none"},  # typed into the address bar, or a bookmark
+]
+#: Every kind of request that changes a counter, and its answer when allowed (from a count of 3).
+CHANGES = [
+    ("GET", "/inc?by=1000", "counter is 1003"),
+    ("GET", "/dec?by=1000", "counter is -997"),
+    ("GET", "/", "counter was reset"),
+    ("GET", "/global/inc", None),
+    ("POST", "/inc?by=1000", "counter is 1003"),
+    ("POST", "/dec?by=1000", "counter is -997"),
+    ("POST", "/", "counter was reset"),
+    ("POST", "/reset", "counter was reset"),
+    ("POST", "/global/inc", None),
+]
+
+
+@pytest.mark.parametrize(("method", "route", "_"), CHANGES)
+def test_a_cross_site_change_is_refused_whatever_its_method(
+    client: FlaskClient, method: str, route: str, _: str | None
+) -> None:
+    client.get("/inc?by=3", base_url=TALLY)
+    before = client.get("/global").text
+    for headers in FOREIGN:
+        for accept in ("*/*", "application/json", CHROMIUM):
+            response = client.open(route, method=method, base_url=TALLY, headers={**headers, "Accept": accept})
+            # A browser's GET / is the page, which changes nothing (see the test below).
+            page = (method, route, accept) == ("GET", "/", CHROMIUM)
+            assert response.status_code == (200 if page else 403), (headers, accept)
+            if accept == "application/json":
+                assert "cross-site" in json_of(response)["error"]
+    assert client.get("/counter", base_url=TALLY).text == "counter is 3"
+    assert client.get("/global").text == before
+
+
+@pytest.mark.parametrize(("method", "route", "answer"), CHANGES)
+def test_scripts_and_same_site_requests_still_change(app: Flask, method: str, route: str, answer: str | None) -> None:
+    for headers in OWN:
+        client = app.test_client()
+        client.get("/inc?by=3", base_url=TALLY)
+        response = client.open(route, method=method, base_url=TALLY, headers=headers)
+        assert response.status_code == 200, headers
+        if answer:
+            assert response.text == answer
+
+
+def test_a_link_from_another_site_to_the_page_shows_it(client: FlaskClient) -> None:
+    client.get("/inc?by=3")
+    response = client.get("/", headers={"Sec-Fetch-Site": "cross-site", "Accept": CHROMIUM})
+    assert response.status_code == 200 and 'id="count"' in response.text
+    assert client.get("/counter").text == "counter is 3"
+
+
+def test_a_refused_browser_is_offered_the_change_as_a_button(client: FlaskClient) -> None:
+    cross_site = {"Sec-Fetch-Site": "cross-site", "Accept": CHROMIUM}
+    response = client.get("/dec?by=1000", headers=cross_site)
+    assert response.status_code == 403 and response.mimetype == "text/html"
+    page = response.text
+    assert "another site" in page and "Subtract 1000 from your counter" in page
+    assert '<form method="post" action="/dec">' in page and 'name="by" value="1000"' in page
+    response = client.get("/global/inc", headers=cross_site)
+    assert 'action="/global/inc"' in response.text and 'name="by"' not in response.text
+    # A value the page would echo is escaped like any other.
+    response = client.post("/inc", data={"by": '"><script>'}, headers=cross_site)
+    assert response.status_code == 403 and "<script>" not in response.text
 
 
 def test_html_answers_carry_a_strict_policy(client: FlaskClient) -> None:
@@ -152,3 +260,27 @@ def test_a_fuzz_loop_of_10000_requests_never_gets_a_5xx(serve: ServerFactory, tm
     assert not [s for s in statuses if s >= 500], "no 5xx"
     assert {200, 303, 400, 403, 404, 405} <= set(statuses)
     assert server.get("/counter", bystander).text == "counter is 1"
+
+
+def test_a_500_carries_no_store_and_vary(app: Flask) -> None:
+    @app.get("/broken")
+    def broken() -> str:
+        raise RuntimeError("a bug")
+
+    for accept in ("*/*", CHROMIUM):
+        response = app.test_client().get("/broken", headers={"Accept": accept})
+        assert response.status_code == 500
+        assert response.headers["Cache-Control"] == "no-store"
+        assert {"Cookie", "Accept"} <= {v.strip() for v in response.headers["Vary"].split(",")}
+
+
+def test_behind_a_proxy_the_origin_check_uses_the_forwarded_scheme_and_host(tmp_path: Path) -> None:
+    proxied = create_app({"SECRET_KEY": "k", "PROXY_COUNT": 1}, instance_path=str(tmp_path / "a"))
+    direct = create_app({"SECRET_KEY": "k"}, instance_path=str(tmp_path / "b"))
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "tally.example", "X-Forwarded-For": "203.0.113.9"}
+    same_site = {"Origin": "https://tally.example", **forwarded}
+    assert proxied.test_client().post("/inc", headers=same_site).status_code == 200
+    assert direct.test_client().post("/inc", headers=same_site).status_code == 403, "no proxy trusted: foreign"
+    for origin in ("http://tally.example", "https://tally.example:8443", "https://tally.example.evil"):
+        response = proxied.test_client().post("/inc", headers={**forwarded, "Origin": origin})
+        assert response.status_code == 403, origin

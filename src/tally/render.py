@@ -13,6 +13,7 @@ from werkzeug.http import parse_accept_header
 
 from . import counter
 from .faults import report
+from .security import CrossSiteRequest
 from .store import StorageError
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def _answer(text: str, data: dict[str, Any], changed: bool) -> Response:
     if kind == "html":
         # After a change, send the browser back to the page (POST/redirect/GET),
         # so a reload does not repeat the change.
-        return redirect(url_for("counter.index"), 303) if changed else page()
+        return make_response(redirect(url_for("counter.index"), 303)) if changed else page()
     return _text(text)
 
 
@@ -99,6 +100,29 @@ def _http_error(exc: HTTPException) -> Response | HTTPException:
     return error(exc.code, exc.description or exc.name, headers)
 
 
+#: What each route that changes a counter does, as the refusal page's button says it.
+_BUTTONS = {
+    "counter.index": "Reset your counter to 0",
+    "counter.reset": "Reset your counter to 0",
+    "counter.inc": "Add {by} to your counter",
+    "counter.dec": "Subtract {by} from your counter",
+    "counter.global_inc": "Take the next number of everyone's counter",
+}
+
+
+def _cross_site(exc: CrossSiteRequest) -> Response:
+    # A browser is shown the action it was sent to do, as a button on our own
+    # page: pressing it is a same-site POST, the visitor's own choice.
+    endpoint = request.endpoint or ""
+    if negotiate() != "html" or endpoint not in _BUTTONS:
+        return error(403, exc.description or exc.name)
+    given = request.values.getlist("by")
+    by = given[0] if len(given) == 1 else None
+    label = _BUTTONS[endpoint].format(by=by or 1)
+    page = render_template("cross_site.html", action=url_for(endpoint), by=by, label=label)
+    return make_response(page, 403)
+
+
 def _storage_error(exc: StorageError) -> Response:
     report(exc)
     return error(exc.status, exc.message, {"Retry-After": str(RETRY_AFTER_SECONDS)})
@@ -110,7 +134,8 @@ def _unexpected(exc: Exception) -> Response:
 
 
 def init_app(app: Flask) -> None:
-    """Render every error through :func:`error`."""
+    """Render every error through :func:`error`; a browser refused as cross-site also gets a button."""
     app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(CrossSiteRequest, _cross_site)
     app.register_error_handler(StorageError, _storage_error)
     app.register_error_handler(Exception, _unexpected)

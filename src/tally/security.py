@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from flask import Flask, Response, request
 from werkzeug.exceptions import Forbidden
+
+from . import body
 
 #: No inline script or style: the page's script and CSS are files of ours.
 CSP = (
@@ -11,20 +15,61 @@ CSP = (
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
 )
 _SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class CrossSiteRequest(Forbidden):
+    """A request from another site that would change a counter; render.py offers it as a button."""
+
+    description = "cross-site requests that would change a counter are refused; nothing was changed"
+
+
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """Return the (scheme, host, port) of an origin such as ``https://example.org``, or None if it is none."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:  # a port that is no number, or out of range
+        return None
+    if not parts.hostname or port is None or parts.path or parts.query or parts.fragment:
+        return None
+    return parts.scheme, parts.hostname, port
+
+
+def is_cross_site() -> bool:
+    """Whether a browser says this request came from another site."""
+    if request.headers.get("Sec-Fetch-Site") == "cross-site":
+        return True
+    # An Origin is foreign unless scheme, host and port all match ours exactly:
+    # https://tally.example.evil, http:// for https:// and another port all are.
+    # "null" (sandboxed frames, some redirects) matches nothing.
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    theirs = _origin(origin)
+    return theirs is None or theirs != _origin(request.host_url.rstrip("/"))
 
 
 def refuse_cross_site() -> None:
-    """Refuse a state-changing request that a browser sent from another site."""
-    if request.method in _SAFE_METHODS:
-        return
-    # Scripts (curl, requests) send no Origin and are not a CSRF vector;
-    # SameSite=Lax already keeps the cookie off most cross-site POSTs, and
-    # this closes the rest (same-site subdomains, older browsers).
-    origin = request.headers.get("Origin")
-    if origin is not None and origin != request.host_url.rstrip("/"):
-        raise Forbidden("cross-site requests are refused")
-    if request.headers.get("Sec-Fetch-Site") == "cross-site":
-        raise Forbidden("cross-site requests are refused")
+    """Refuse a POST (or other unsafe method) that a browser sent from another site."""
+    # Every POST here changes a counter.  A GET that would is refused by
+    # may_change() in its view, which alone knows (GET / shows a browser the page).
+    if request.method not in _SAFE_METHODS and is_cross_site():
+        raise CrossSiteRequest()
+
+
+def may_change() -> bool:
+    """Whether this request may change a counter: never a HEAD; a cross-site request is refused.
+
+    SameSite=Lax sends the cookie with a top-level GET from another site, so a
+    link there to /inc?by=1000 would otherwise count for the visitor.  Scripts
+    send no Sec-Fetch-Site and no Origin, and are not a CSRF vector.
+    """
+    if request.method == "HEAD":
+        return False  # a HEAD promises GET's answer without GET's effect
+    if is_cross_site():
+        raise CrossSiteRequest()
+    return True
 
 
 _ALWAYS = (("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "same-origin"))
@@ -41,7 +86,9 @@ def add_headers(response: Response) -> Response:
         headers[name] = value
     if response.mimetype == "text/html":
         headers["Content-Security-Policy"] = CSP
-    if request.endpoint != "static":
+    # Static files are the same for everyone and may be cached; an error on a
+    # static path (a missing file) is rendered per Accept like any other error.
+    if request.endpoint != "static" or response.status_code >= 400:
         for name, value in _PRIVATE:
             headers[name] = value
     return response
@@ -49,5 +96,7 @@ def add_headers(response: Response) -> Response:
 
 def init_app(app: Flask) -> None:
     """Register the request checks and header hooks."""
+    # The body first: a malformed or cut-short one is a 400 whatever else holds.
+    app.before_request(body.read_whole)
     app.before_request(refuse_cross_site)
     app.after_request(add_headers)

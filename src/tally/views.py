@@ -3,51 +3,51 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, request
-from werkzeug.exceptions import MethodNotAllowed
 
 from . import counter, render
+from .security import may_change
 
 bp = Blueprint("counter", __name__)
 
 ANY = ["GET", "POST"]
-#: Routes whose GET changes something.  Flask answers HEAD wherever it
-#: answers GET, but a HEAD must never change anything.
-_CHANGING_ON_GET = {"counter.index", "counter.inc", "counter.dec", "counter.global_inc"}
 
-
-@bp.before_app_request
-def refuse_changing_head() -> None:
-    """Answer 405 to a HEAD that would change a counter."""
-    if request.method == "HEAD" and request.endpoint in _CHANGING_ON_GET:
-        raise MethodNotAllowed(ANY, "HEAD would change the counter; use GET or POST")
+# HEAD is answered on every route as GET would be, but never changes anything
+# (may_change() says no): where GET changes a counter, HEAD validates the same
+# way (a bad ``by`` is the same 400) and its headers describe the count as it
+# stands.  A 405 would be truthful too, but monitors and link checkers that get
+# one retry with GET, and so make the very change HEAD was chosen to avoid.
 
 
 @bp.route("/", methods=ANY)
 def index() -> Response:
     """Reset this client's counter; a browser's GET shows the page instead."""
-    if request.method == "GET" and render.negotiate() == "html":
+    if request.method != "POST" and render.negotiate() == "html":
         return render.page()  # loading a page must not change anything
-    counter.reset()
+    if may_change():
+        counter.reset()
     return render.reset_done()
 
 
 @bp.post("/reset")
 def reset() -> Response:
     """Reset this client's counter."""
-    counter.reset()
+    if may_change():
+        counter.reset()
     return render.reset_done()
 
 
 @bp.route("/inc", methods=ANY)
 def inc() -> Response:
     """Add ``by`` (default 1) to this client's counter."""
-    return render.counter_value(counter.add(counter.parse_step(request.values)), changed=True)
+    step = counter.parse_step(request.values)
+    return render.counter_value(counter.add(step) if may_change() else counter.read(), changed=True)
 
 
 @bp.route("/dec", methods=ANY)
 def dec() -> Response:
     """Subtract ``by`` (default 1) from this client's counter."""
-    return render.counter_value(counter.add(-counter.parse_step(request.values)), changed=True)
+    step = counter.parse_step(request.values)
+    return render.counter_value(counter.add(-step) if may_change() else counter.read(), changed=True)
 
 
 @bp.get("/counter")
@@ -59,7 +59,7 @@ def show() -> Response:
 @bp.route("/global/inc", methods=ANY)
 def global_inc() -> Response:
     """Take the next number of the counter shared by everyone."""
-    return render.global_value(counter.increment_global(), changed=True)
+    return render.global_value(counter.increment_global() if may_change() else counter.read_global(), changed=True)
 
 
 @bp.get("/global")

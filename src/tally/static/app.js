@@ -35,10 +35,16 @@ for (const form of document.querySelectorAll("form[data-update]")) {
   form.addEventListener("submit", submit);
 }
 
-// Keep the buttons saying what they will do: "+5" and "−5" for a step of 5.
+// Keep the buttons saying what they will do: "+5" and "−5" for a step of 5,
+// and for a step of -5 the first button subtracts, so it reads "−5".
 const step = document.getElementById("by");
+function signed(text, negate) {
+  const negative = text.startsWith("-") !== negate;
+  const digits = text.replace(/^[-+]/, "") || "1";
+  return `${negative ? "\u2212" : "+"}${digits}`;
+}
 step.addEventListener("input", () => {
-  const n = step.value.replace(/^[-+]/, "") || "1";
-  document.getElementById("plus").textContent = `+${n}`;
-  document.getElementById("minus").textContent = `\u2212${n}`;
+  const text = /^[-+]?\d+$/.test(step.value.trim()) ? step.value.trim() : "1";
+  document.getElementById("plus").textContent = signed(text, false);
+  document.getElementById("minus").textContent = signed(text, true);
 });
