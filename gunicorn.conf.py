@@ -9,8 +9,12 @@ import multiprocessing
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
+
+from gunicorn.arbiter import Arbiter
+from gunicorn.workers.base import Worker
 
 bind = os.environ.get("TALLY_BIND", "127.0.0.1:5000")
 # Requests mostly wait on the disk or Redis, so threads carry the load and a
@@ -27,7 +31,8 @@ graceful_timeout = 10
 keepalive = 5
 accesslog = "-"
 errorlog = "-"
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+# With the time: the access log goes to stdout, where nothing else adds one.
+access_log_format = '%(h)s %(t)s "%(r)s" %(s)s %(b)s %(M)sms'
 
 # Each worker keeps its metrics in files here, and /metrics sums them.  It
 # must be set before the workers import prometheus_client, so here, not in
@@ -49,7 +54,7 @@ os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 # in on_starting, as only there is the final --bind known.
 
 
-def _own_control_socket(server):
+def _own_control_socket(server: Arbiter) -> None:
     settings = server.cfg.settings
     if "control_socket" not in settings:  # gunicorn before 25.1: no control socket
         return
@@ -62,8 +67,24 @@ def _own_control_socket(server):
     server.cfg.set("control_socket", os.path.join(folder, f"tally-{name}.ctl"))
 
 
-def on_starting(server):
-    """Give this instance its own control socket, and start with an empty metrics folder."""
+def _refuse_bad_settings(server: Arbiter) -> None:
+    """Check Tally's settings once, before any worker starts: a bad one stops gunicorn here."""
+    # Left to the workers, each prints the refusal and exits, and gunicorn, reaping several at
+    # once, adds a traceback of its own (HaltServer, raised again while it halts).  The check
+    # runs in a child process: imported here, the app would be in every worker before gevent
+    # patches what it imports.
+    here = os.path.dirname(os.path.abspath(__file__))
+    instance = os.environ.get("TALLY_INSTANCE_PATH") or os.path.join(here, "instance")
+    check = "import sys, tally.config; tally.config.check_settings(sys.argv[1])"
+    status = subprocess.run([sys.executable, "-c", check, instance], check=False).returncode
+    if status:
+        on_exit(server)  # gunicorn does not call it on this path
+        sys.exit(status)
+
+
+def on_starting(server: Arbiter) -> None:
+    """Refuse bad settings, give this instance its own control socket, and start with an empty metrics folder."""
+    _refuse_bad_settings(server)
     _own_control_socket(server)
     # Old metrics files would add stale counts.
     for name in os.listdir(_metrics_dir):
@@ -72,7 +93,7 @@ def on_starting(server):
             os.unlink(path)
 
 
-def post_fork(server, worker):
+def post_fork(server: Arbiter, worker: Worker) -> None:
     """Send Tally's own warnings (storage faults, corrupt sessions) to stderr with gunicorn's.
 
     Before the worker loads the app, so that what the app says as it starts
@@ -86,21 +107,21 @@ def post_fork(server, worker):
     log.propagate = False
 
 
-def post_worker_init(worker):
+def post_worker_init(worker: Worker) -> None:
     """Say that the worker has loaded the app."""
     # gunicorn logs "Booting worker" when it forks one; this says it has loaded the app
     # and takes requests (the tests wait for it from every worker).
     worker.log.info("Worker ready (pid: %s)", worker.pid)
 
 
-def child_exit(server, worker):
+def child_exit(server: Arbiter, worker: Worker) -> None:
     """Let the metrics of a dead worker stop counting as live gauges."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(worker.pid)
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
 
-def on_exit(server):
+def on_exit(server: Arbiter) -> None:
     """Remove the metrics folder we made."""
     if "tally-metrics-" in _metrics_dir:
         shutil.rmtree(_metrics_dir, ignore_errors=True)

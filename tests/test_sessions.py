@@ -59,6 +59,17 @@ def test_a_read_leaves_the_stored_session_untouched(app: Flask, client: FlaskCli
     assert "Set-Cookie" not in client.get("/counter").headers
 
 
+def test_reading_the_global_counter_leaves_its_file_untouched(app: Flask, client: FlaskClient) -> None:
+    client.get("/global/inc")
+    path = Path(app.config["SESSION_DIR"]) / "global"
+    before = path.read_bytes()
+    os.utime(path, ns=(1, 1))  # any write would move the mtime
+    for _ in range(3):
+        assert client.get("/global").text == "global counter is 1"
+        assert client.get("/", headers={"Accept": CHROMIUM}).status_code == 200  # the page shows it too
+    assert path.read_bytes() == before and path.stat().st_mtime_ns == 1
+
+
 def test_a_read_with_no_session_stores_nothing(app: Flask, client: FlaskClient) -> None:
     assert client.get("/counter").text == "counter is 0"
     assert client.get("/global").text == "global counter is 0"
@@ -109,28 +120,3 @@ def test_the_store_folder_is_created_when_missing(tmp_path: Path) -> None:
     app = create_app({"SESSION_DIR": str(folder), "SECRET_KEY": "k"}, instance_path=str(tmp_path))
     assert app.test_client().get("/inc").text == "counter is 1"
     assert folder.is_dir()
-
-
-def test_configuration_layers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    instance = tmp_path / "instance"
-    instance.mkdir()
-    (instance / "config.py").write_text("PERMANENT_SESSION_LIFETIME = 100\nSESSION_DIR = 'from-file'\n")
-    app = create_app(instance_path=str(instance))
-    assert app.permanent_session_lifetime.total_seconds() == 100
-    assert app.config["SESSION_DIR"] == str(instance / "from-file")
-    monkeypatch.setenv("TALLY_PERMANENT_SESSION_LIFETIME", "60")
-    monkeypatch.setenv("TALLY_SESSION_DIR", str(tmp_path / "from-env"))
-    monkeypatch.setenv("TALLY_SECRET_KEY", "from-env")
-    app = create_app(instance_path=str(instance))
-    assert app.permanent_session_lifetime.total_seconds() == 60
-    assert app.config["SESSION_DIR"] == str(tmp_path / "from-env")
-    assert app.secret_key == "from-env"
-
-
-def test_a_secret_is_generated_once_into_the_instance_folder(tmp_path: Path) -> None:
-    first = create_app(instance_path=str(tmp_path))
-    key = tmp_path / "secret_key"
-    assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    assert len(first.secret_key) >= 64  # type: ignore[arg-type]
-    assert create_app(instance_path=str(tmp_path)).secret_key == first.secret_key
-    assert create_app(instance_path=str(tmp_path / "other")).secret_key != first.secret_key
