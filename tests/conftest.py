@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -23,6 +24,7 @@ from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
 from pytest_redis import factories
 from pytest_redis.executor.process import RedisExecutor
+from werkzeug.test import TestResponse
 
 from tally import create_app
 
@@ -30,6 +32,9 @@ from tally import create_app
 pytest_plugins = ["topologies"]
 
 ROOT = Path(__file__).resolve().parent.parent
+# Tests play thousands of clients from one address; the per-address limit on
+# new sessions has tests of its own (test_quota.py), which set it explicitly.
+os.environ["TALLY_NEW_SESSIONS_PER_MINUTE"] = "0"
 REQUIRE_ALL = os.environ.get("TALLY_REQUIRE_ALL") == "1"
 
 #: The Accept headers real clients send (Chromium's, navigating to a page).
@@ -74,6 +79,13 @@ def client(app: Flask) -> FlaskClient:
 def runner(app: Flask) -> FlaskCliRunner:
     """A runner for the app's ``flask`` commands."""
     return app.test_cli_runner()
+
+
+def json_of(response: TestResponse) -> Any:
+    """The JSON body of a test client's answer, which must have one."""
+    body = response.get_json()
+    assert body is not None, f"not JSON: {response.get_data(as_text=True)!r}"
+    return body
 
 
 def counter_of(text: str) -> int:
@@ -122,7 +134,9 @@ class Server:
         with requests.get(self.url + "/inc", timeout=30) as response:
             pass
         assert response.text == "counter is 1"
-        return response.cookies["session"]
+        cookie = response.cookies.get("session")
+        assert cookie
+        return cookie
 
     def burst(self, path: str, n: int, cookie: str | None = None, threads: int = 32) -> Outcome:
         """Send ``n`` concurrent GETs; collect each answer's number."""
@@ -245,7 +259,8 @@ def _answers(url: str) -> bool:
 # -- Redis: real servers on free ports, never the machine's 6379 ------------
 
 REDIS_SERVER = shutil.which("redis-server")
-shared_redis = factories.redis_proc(executable=REDIS_SERVER or "/usr/bin/redis-server", port=None)
+# port=None picks a free port; pytest-redis's annotation leaves None out.
+shared_redis = factories.redis_proc(executable=REDIS_SERVER or "/usr/bin/redis-server", port=None)  # type: ignore[arg-type]
 
 
 def need_redis() -> str:

@@ -64,8 +64,9 @@ def test_a_corrupt_file_is_quarantined_and_the_client_starts_afresh(
     path.write_bytes(bad)
     with caplog.at_level(logging.WARNING):
         assert client.get("/counter").text == "counter is 0"
+    assert not path.exists(), "moved away, not copied: the original is gone"
     quarantined = list((path.parent / "quarantine").iterdir())
-    assert [q.read_bytes() for q in quarantined] == [bad]
+    assert [q.read_bytes() for q in quarantined] == [bad], "the quarantined bytes are the original's"
     assert path.name[:16] in caplog.text
     assert client.get_cookie("session").value not in caplog.text  # type: ignore[union-attr]
     assert client.get("/inc").text == "counter is 1"
@@ -82,6 +83,31 @@ def test_a_session_expires_on_the_server(tmp_path: Path) -> None:
     client.set_cookie("session", cookie)  # the client still presents it
     assert client.get("/counter").text == "counter is 0"
     assert client.get("/inc").text == "counter is 1"
+    assert client.get_cookie("session").value != cookie, "an expired id is never reused"  # type: ignore[union-attr]
+
+
+def test_every_write_extends_a_sessions_life(tmp_path: Path) -> None:
+    app = create_app(
+        {"PERMANENT_SESSION_LIFETIME": 2, "SESSION_DIR": str(tmp_path), "SECRET_KEY": "k"}, instance_path=str(tmp_path)
+    )
+    client = app.test_client()
+    assert client.get("/inc").text == "counter is 1"
+    cookie = client.get_cookie("session").value  # type: ignore[union-attr]
+    for n in (2, 3, 4):
+        time.sleep(1.2)  # 3.6 s in all: past the first write's lifetime, within each write's
+        assert client.get("/inc").text == f"counter is {n}"
+    assert client.get_cookie("session").value == cookie  # type: ignore[union-attr]
+
+
+def test_no_live_session_is_evicted_however_many_there_are(tmp_path: Path) -> None:
+    # cachelib evicts above its threshold (500 by default); an eviction may
+    # also start higher up.  Through the store itself: 20,000 in a few seconds.
+    store = files.FileStore(str(tmp_path / "s"))
+    keys = [f"session:{n:043d}" for n in range(20_000)]
+    for n, key in enumerate(keys):
+        assert store.add(key, "counter", n, 3600) == n
+    assert store.count() == 20_000
+    assert all(store.load(key) == {"counter": n} for n, key in enumerate(keys))
 
 
 def test_prune_removes_expired_sessions_and_keeps_live_ones(tmp_path: Path) -> None:
@@ -142,3 +168,26 @@ def test_prune_reports_progress_on_long_runs(tmp_path: Path, monkeypatch: pytest
     result = app.test_cli_runner().invoke(args=["sessions", "prune"])
     assert "25 files checked, 0 removed" in result.output
     assert "removed 0 expired sessions, kept 25" in result.output
+
+
+@pytest.mark.parametrize(("setting", "fsyncs"), [("true", 1), ("false", 0)])
+def test_the_fsync_setting_fsyncs_each_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str, fsyncs: int
+) -> None:
+    monkeypatch.setenv("TALLY_SESSION_FSYNC", setting)
+    app = create_app({"SESSION_DIR": str(tmp_path / "s"), "SECRET_KEY": "k"}, instance_path=str(tmp_path))
+    client = app.test_client()
+    client.get("/inc")
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def counted_fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counted_fsync)
+    for _ in range(5):
+        client.get("/inc")
+    client.get("/global/inc")
+    assert len(synced) == 6 * fsyncs, "one fsync per write, of the file written"
+    assert client.get("/counter").text == "counter is 6"

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
+import pytest
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
+from pytest_redis.executor.process import RedisExecutor
 
-from conftest import ServerFactory, free_port
-from tally import create_app
+from conftest import ServerFactory, free_port, json_of
+from tally import create_app, faults, ops
+
+
+@pytest.fixture(autouse=True)
+def fresh_health_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each /healthz here checks the store anew: these tests change it between calls."""
+    monkeypatch.setattr(ops, "HEALTH_CHECK_SECONDS", 0.0)
 
 
 def test_healthz_reports_a_working_store(client: FlaskClient) -> None:
@@ -26,7 +38,7 @@ def test_healthz_reports_a_read_only_store(small_disk: Path, tmp_path: Path) -> 
     try:
         response = client.get("/healthz")
         assert response.status_code == 503 and response.headers["Retry-After"]
-        assert response.json["kind"] == "read_only" and "read-only" in response.json["reason"]
+        assert json_of(response)["kind"] == "read_only" and "read-only" in json_of(response)["reason"]
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
     assert client.get("/healthz").status_code == 200
@@ -43,7 +55,7 @@ def test_healthz_reports_a_full_disk(small_disk: Path, tmp_path: Path) -> None:
         except OSError:
             pass
     response = client.get("/healthz")
-    assert response.status_code == 503 and response.json["kind"] == "disk_full"
+    assert response.status_code == 503 and json_of(response)["kind"] == "disk_full"
 
 
 def test_healthz_reports_an_unreachable_redis(tmp_path: Path) -> None:
@@ -53,7 +65,7 @@ def test_healthz_reports_an_unreachable_redis(tmp_path: Path) -> None:
     )
     response = app.test_client().get("/healthz")
     assert response.status_code == 503
-    assert response.json["store"] == "redis" and response.json["kind"] == "unavailable"
+    assert json_of(response)["store"] == "redis" and json_of(response)["kind"] == "unavailable"
 
 
 def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -86,7 +98,9 @@ def test_metrics_count_every_request_whichever_worker_answers(serve: ServerFacto
     server.get("/inc?by=x")
     assert total(server, "tally_requests_total", route="/inc", status="400") == 1
     log = server.log.read_text()
-    assert '"GET /inc HTTP/1.1" 200' in log, "the access log is on"
+    assert re.search(r'127\.0\.0\.1 \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] "GET /inc HTTP/1\.1" 200', log), (
+        "the access log is on, with the time of each request"
+    )
 
 
 def test_storage_errors_are_counted_by_kind(tmp_path: Path) -> None:
@@ -107,3 +121,76 @@ def test_metrics_labels_stay_bounded_whatever_methods_clients_invent(client: Fla
     methods = {dict(key).get("method") for key in samples(client.get("/metrics").text, "tally_requests_total")}
     assert not any(m and m.startswith("X") for m in methods), "each invented method would be a new series"
     assert "other" in methods
+
+
+EXPOSITION = "text/plain; version=1.0.0; charset=utf-8"
+
+
+def test_metrics_have_a_content_type_prometheus_3_can_parse(client: FlaskClient, serve: ServerFactory) -> None:
+    assert client.get("/metrics").headers["Content-Type"] == EXPOSITION
+    assert serve(workers=2, threads=2).get("/metrics").headers["Content-Type"] == EXPOSITION
+
+
+@pytest.mark.parametrize(
+    ("settings", "peer", "forwarded", "allowed"),
+    [
+        ({}, "127.0.0.1", None, True),
+        ({}, "10.20.30.40", None, True),
+        ({}, "192.168.1.9", None, True),
+        ({}, "203.0.113.7", None, False),
+        ({}, "2001:db8::1", None, False),
+        ({"PROXY_COUNT": 1}, "127.0.0.1", "203.0.113.7", False),  # judged by the real client, not the proxy
+        ({"PROXY_COUNT": 1}, "127.0.0.1", "10.0.0.8", True),
+        ({"METRICS_ALLOW": ["203.0.113.0/24"]}, "203.0.113.7", None, True),
+        ({"METRICS_ALLOW": ["203.0.113.0/24"]}, "127.0.0.1", None, False),
+    ],
+)
+def test_metrics_are_served_only_to_the_allowed_networks(
+    tmp_path: Path, settings: dict[str, object], peer: str, forwarded: str | None, allowed: bool
+) -> None:
+    app = create_app({"SECRET_KEY": "k", **settings}, instance_path=str(tmp_path))
+    headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+    response = app.test_client().get("/metrics", headers=headers, environ_base={"REMOTE_ADDR": peer})
+    if allowed:
+        assert response.status_code == 200 and "tally_requests_total" in response.text
+    else:
+        assert response.status_code == 403 and "TALLY_METRICS_ALLOW" in response.text
+        assert "tally_" not in response.text
+
+
+def test_healthz_checks_the_store_at_most_once_a_moment(client: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops, "HEALTH_CHECK_SECONDS", 0.5)
+    checks = []
+    store = client.application.session_interface.store  # type: ignore[attr-defined]
+    monkeypatch.setattr(store, "check", lambda: checks.append(time.monotonic()))
+    for _ in range(50):
+        assert client.get("/healthz").status_code == 200
+    assert len(checks) == 1, "a load balancer polling often costs one store write"
+    time.sleep(0.6)
+    assert client.get("/healthz").status_code == 200
+    assert len(checks) == 2, "and the check runs again a moment later"
+
+
+def test_a_storage_fault_is_logged_when_it_starts_and_when_it_clears(
+    tmp_path: Path, own_redis: RedisExecutor, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(faults, "QUIET_SECONDS", 0.3)
+    app = create_app(
+        {"REDIS_URL": f"redis://127.0.0.1:{own_redis.port}/0", "REDIS_TIMEOUT": 0.5, "SECRET_KEY": "k"},
+        instance_path=str(tmp_path),
+    )
+    client = app.test_client()
+    assert client.get("/inc").status_code == 200
+    own_redis.kill(sig=signal.SIGKILL)
+    with caplog.at_level(logging.WARNING, logger="tally"):
+        for _ in range(5):
+            assert client.get("/inc").status_code == 503
+        own_redis.start()
+        assert client.get("/inc").status_code == 200, "within the quiet spell: not yet cleared"
+        time.sleep(0.4)
+        assert client.get("/inc").status_code == 200
+        assert client.get("/inc").status_code == 200
+    lines = [r.getMessage() for r in caplog.records if "storage fault" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("storage fault (unavailable):") and "until it clears" in lines[0]
+    assert lines[1].startswith("storage fault (unavailable) cleared: 5 operations failed")

@@ -9,27 +9,34 @@ import secrets
 import signal
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import redis
+from flask import Flask
+from flask.testing import FlaskClient
 from pytest_redis.executor.process import RedisExecutor
 
-from conftest import ServerFactory, burst_across, counter_of, free_port, need_redis
+from conftest import Server, ServerFactory, burst_across, counter_of, free_port, json_of, need_redis
 from tally import create_app
 from tally.store import StorageError
 from tally.store.redis import RedisStore
 
+T = TypeVar("T")
+
 
 @pytest.fixture
-def redis_app(tmp_path: Path, redis_url: str, redis_prefix: str):  # type: ignore[no-untyped-def]
+def redis_app(tmp_path: Path, redis_url: str, redis_prefix: str) -> Flask:
     return create_app(
         {"REDIS_URL": redis_url, "REDIS_PREFIX": redis_prefix, "SECRET_KEY": "k", "PERMANENT_SESSION_LIFETIME": 2},
         instance_path=str(tmp_path),
     )
 
 
-def test_the_contract_holds_on_redis(redis_app) -> None:  # type: ignore[no-untyped-def]
+def test_the_contract_holds_on_redis(redis_app: Flask) -> None:
     alice, bob = redis_app.test_client(), redis_app.test_client()
     assert alice.get("/inc?by=5").text == "counter is 5"
     assert alice.get("/dec").text == "counter is 4"
@@ -42,7 +49,9 @@ def test_the_contract_holds_on_redis(redis_app) -> None:  # type: ignore[no-unty
     assert not list(Path(redis_app.config["SESSION_DIR"]).glob("*")), "nothing went to files"
 
 
-def test_sessions_live_in_redis_with_the_session_lifetime_as_ttl(redis_app, redis_url: str, redis_prefix: str) -> None:  # type: ignore[no-untyped-def]
+def test_sessions_live_in_redis_with_the_session_lifetime_as_ttl(
+    redis_app: Flask, redis_url: str, redis_prefix: str
+) -> None:
     client = redis_app.test_client()
     client.get("/inc")
     direct = redis.Redis.from_url(redis_url)
@@ -71,8 +80,13 @@ def test_sessions_live_in_redis_with_the_session_lifetime_as_ttl(redis_app, redi
     ],
     ids=["not-a-hash", "not-json", "not-an-integer"],
 )
-def test_corrupt_data_in_redis_never_gives_a_5xx(  # type: ignore[no-untyped-def]
-    redis_app, redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture, damage, deleted: bool
+def test_corrupt_data_in_redis_never_gives_a_5xx(
+    redis_app: Flask,
+    redis_url: str,
+    redis_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+    damage: Callable[[redis.Redis, bytes | str], object],
+    deleted: bool,
 ) -> None:
     client = redis_app.test_client()
     client.get("/inc?by=3")
@@ -89,7 +103,7 @@ def test_corrupt_data_in_redis_never_gives_a_5xx(  # type: ignore[no-untyped-def
     direct.close()
 
 
-def test_the_full_64_bit_range_is_exact_on_redis(redis_app) -> None:  # type: ignore[no-untyped-def]
+def test_the_full_64_bit_range_is_exact_on_redis(redis_app: Flask) -> None:
     client = redis_app.test_client()
     top = 2**63 - 1
     assert client.get(f"/inc?by={top - 1}").text == f"counter is {top - 1}"
@@ -99,7 +113,7 @@ def test_the_full_64_bit_range_is_exact_on_redis(redis_app) -> None:  # type: ig
     assert client.get(f"/dec?by={top}").text == "counter is 0"
 
 
-def test_two_instances_share_one_cookie_without_losing_updates(  # type: ignore[no-untyped-def]
+def test_two_instances_share_one_cookie_without_losing_updates(
     serve: ServerFactory, redis_url: str, redis_prefix: str, tmp_path: Path
 ) -> None:
     settings = {"redis_url": redis_url, "redis_prefix": redis_prefix}
@@ -113,7 +127,14 @@ def test_two_instances_share_one_cookie_without_losing_updates(  # type: ignore[
     assert sorted(numbers) == list(range(start + 1, start + 101))
 
 
-def _load(server, cookie: str, stop: threading.Event, acked: list[int], failures: list, unknown: list[str]) -> None:  # type: ignore[no-untyped-def]
+def _load(
+    server: Server,
+    cookie: str,
+    stop: threading.Event,
+    acked: list[int],
+    failures: list[tuple[int, float, str]],
+    unknown: list[str],
+) -> None:
     while not stop.is_set():
         began = time.monotonic()
         response = server.get("/inc", cookie)
@@ -126,12 +147,15 @@ def _load(server, cookie: str, stop: threading.Event, acked: list[int], failures
                 unknown.append(response.text)
 
 
-def test_a_hung_redis_gets_503_in_bounded_time_and_counts_resume_exactly(  # type: ignore[no-untyped-def]
+def test_a_hung_redis_gets_503_in_bounded_time_and_counts_resume_exactly(
     serve: ServerFactory, own_redis: RedisExecutor
 ) -> None:
     server = serve(workers=2, threads=4, redis_url=f"redis://127.0.0.1:{own_redis.port}/0", redis_timeout="1")
     cookie = server.new_client()
-    stop, acked, failures, unknown = threading.Event(), [], [], []
+    stop = threading.Event()
+    acked: list[int] = []
+    failures: list[tuple[int, float, str]] = []
+    unknown: list[str] = []
     threads = [threading.Thread(target=_load, args=(server, cookie, stop, acked, failures, unknown)) for _ in range(8)]
     for t in threads:
         t.start()
@@ -155,13 +179,13 @@ def test_a_hung_redis_gets_503_in_bounded_time_and_counts_resume_exactly(  # typ
     assert 0 <= extra <= min(len(unknown), 8), "only requests in flight when Redis stopped"
 
 
-def test_a_killed_and_restarted_redis_loses_no_acknowledged_count(  # type: ignore[no-untyped-def]
+def test_a_killed_and_restarted_redis_loses_no_acknowledged_count(
     serve: ServerFactory, own_redis: RedisExecutor
 ) -> None:
     server = serve(workers=2, threads=4, redis_url=f"redis://127.0.0.1:{own_redis.port}/0", redis_timeout="1")
     cookie = server.new_client()
     assert server.burst("/inc", 50, cookie).statuses == [200] * 50
-    own_redis.kill(signal.SIGKILL)
+    own_redis.kill(sig=signal.SIGKILL)
     down = server.get("/inc", cookie)
     assert down.status_code == 503 and down.headers["Retry-After"]
     assert server.get("/counter", cookie).status_code == 503
@@ -169,7 +193,7 @@ def test_a_killed_and_restarted_redis_loses_no_acknowledged_count(  # type: igno
     assert server.get("/inc", cookie).text == "counter is 52"
 
 
-def test_connections_redis_closed_while_idle_are_replaced_without_an_error(  # type: ignore[no-untyped-def]
+def test_connections_redis_closed_while_idle_are_replaced_without_an_error(
     serve: ServerFactory, own_redis: RedisExecutor
 ) -> None:
     # What a Redis with an idle "timeout", a failover or CLIENT KILL does to
@@ -203,7 +227,7 @@ def test_a_timeout_that_would_never_run_out_is_refused(timeout: float) -> None:
         RedisStore("redis://127.0.0.1:1/0", timeout=timeout)
 
 
-def test_stats_counts_redis_sessions(redis_app) -> None:  # type: ignore[no-untyped-def]
+def test_stats_counts_redis_sessions(redis_app: Flask) -> None:
     for by in (1, 2, 3):
         redis_app.test_client().get(f"/inc?by={by}")
     output = redis_app.test_cli_runner().invoke(args=["sessions", "stats"]).output
@@ -216,11 +240,13 @@ def test_stats_counts_redis_sessions(redis_app) -> None:  # type: ignore[no-unty
 # -- key layout, upgrade, replicas, settings ---------------------------------
 
 
-def _cookie(client) -> str:  # type: ignore[no-untyped-def]
-    return client.get_cookie("session").value  # type: ignore[no-any-return]
+def _cookie(client: FlaskClient) -> str:
+    cookie = client.get_cookie("session")
+    assert cookie is not None
+    return cookie.value
 
 
-def test_no_key_names_a_session_id(redis_app, redis_url: str, redis_prefix: str) -> None:  # type: ignore[no-untyped-def]
+def test_no_key_names_a_session_id(redis_app: Flask, redis_url: str, redis_prefix: str) -> None:
     client = redis_app.test_client()
     client.get("/inc")
     cookie = _cookie(client)
@@ -242,8 +268,8 @@ def _store_the_old_way(direct: redis.Redis, redis_prefix: str, counter: int) -> 
 
 
 @pytest.mark.parametrize("first", ["/inc", "/counter", "/reset"])
-def test_sessions_of_the_old_layout_keep_their_counts(  # type: ignore[no-untyped-def]
-    redis_app, redis_url: str, redis_prefix: str, first: str
+def test_sessions_of_the_old_layout_keep_their_counts(
+    redis_app: Flask, redis_url: str, redis_prefix: str, first: str
 ) -> None:
     direct = redis.Redis.from_url(redis_url)
     sid = _store_the_old_way(direct, redis_prefix, 41)
@@ -261,7 +287,7 @@ def test_sessions_of_the_old_layout_keep_their_counts(  # type: ignore[no-untype
     direct.close()
 
 
-def test_flask_sessions_migrate_moves_every_old_session(redis_app, redis_url: str, redis_prefix: str) -> None:  # type: ignore[no-untyped-def]
+def test_flask_sessions_migrate_moves_every_old_session(redis_app: Flask, redis_url: str, redis_prefix: str) -> None:
     direct = redis.Redis.from_url(redis_url)
     sids = [_store_the_old_way(direct, redis_prefix, n) for n in range(25)]
     redis_app.test_client().get("/inc")  # one of the current layout, left alone
@@ -277,11 +303,11 @@ def test_flask_sessions_migrate_moves_every_old_session(redis_app, redis_url: st
     direct.close()
 
 
-def _app_on(tmp_path: Path, url: str, **settings: object):  # type: ignore[no-untyped-def]
+def _app_on(tmp_path: Path, url: str, **settings: object) -> Flask:
     return create_app({"REDIS_URL": url, "SECRET_KEY": "k", **settings}, instance_path=str(tmp_path / "i"))
 
 
-def test_with_replicas_required_and_none_following_writes_answer_503_not_200(  # type: ignore[no-untyped-def]
+def test_with_replicas_required_and_none_following_writes_answer_503_not_200(
     tmp_path: Path, own_redis: RedisExecutor
 ) -> None:
     url = f"redis://127.0.0.1:{own_redis.port}/0"
@@ -300,9 +326,7 @@ def test_with_replicas_required_and_none_following_writes_answer_503_not_200(  #
     assert client.get("/counter").status_code == 200, "reads need no replica"
 
 
-def test_with_a_replica_following_writes_are_acknowledged(  # type: ignore[no-untyped-def]
-    tmp_path: Path, own_redis: RedisExecutor
-) -> None:
+def test_with_a_replica_following_writes_are_acknowledged(tmp_path: Path, own_redis: RedisExecutor) -> None:
     replica = RedisExecutor(
         need_redis(), databases=1, redis_timeout=30, loglevel="warning", host="127.0.0.1", port=free_port(),
         datadir=tmp_path / "replica",
@@ -329,7 +353,7 @@ def test_with_a_replica_following_writes_are_acknowledged(  # type: ignore[no-un
         replica.stop()
 
 
-def test_an_evicting_redis_is_reported_at_start_and_by_healthz(  # type: ignore[no-untyped-def]
+def test_an_evicting_redis_is_reported_at_start_and_by_healthz(
     tmp_path: Path, own_redis: RedisExecutor, caplog: pytest.LogCaptureFixture
 ) -> None:
     admin = redis.Redis(port=own_redis.port)
@@ -338,13 +362,13 @@ def test_an_evicting_redis_is_reported_at_start_and_by_healthz(  # type: ignore[
         app = _app_on(tmp_path, f"redis://127.0.0.1:{own_redis.port}/0")
     assert "maxmemory-policy is allkeys-lru" in caplog.text
     health = app.test_client().get("/healthz")
-    assert health.status_code == 200 and "allkeys-lru" in health.json["warnings"][0]
+    assert health.status_code == 200 and "allkeys-lru" in json_of(health)["warnings"][0]
     admin.config_set("maxmemory-policy", "noeviction")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="tally"):
         app = _app_on(tmp_path, f"redis://127.0.0.1:{own_redis.port}/0")
     assert "maxmemory-policy" not in caplog.text
-    assert "warnings" not in app.test_client().get("/healthz").json
+    assert "warnings" not in json_of(app.test_client().get("/healthz"))
     admin.close()
 
 
@@ -387,3 +411,114 @@ def test_sentinel_and_cluster_urls_are_read_like_the_limits_library() -> None:
     assert (kwargs["db"], kwargs["username"], kwargs["password"]) == (3, "u", "p@ss")
     cluster = connect("rediss+cluster://:pw@127.0.0.1:7000,127.0.0.1:7001?ssl_cert_reqs=none", 1.0)
     assert isinstance(cluster, ClusterTarget) and cluster.cluster
+
+
+# -- guarantees a seeded fault must not slip past ------------------------------
+
+
+def test_concurrent_changes_of_other_keys_and_increments_are_all_kept(redis_url: str, redis_prefix: str) -> None:
+    # The compare-and-set on the version: every change other than an increment
+    # (a reset, a merge of keys a view set) is a read-modify-write that must
+    # not overwrite a concurrent one.  Real threads against a real Redis.
+    store = RedisStore(redis_url, prefix=redis_prefix)
+    store.add("session:k", "counter", 1, 60)
+
+    def bump_other(_: int) -> None:
+        store.update("session:k", lambda record: record | {"x": record.get("x", 0) + 1}, 60)
+
+    def increment(_: int) -> None:
+        store.add("session:k", "counter", 1, 60)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda n: (bump_other if n % 2 else increment)(n), range(400)))
+    assert store.load("session:k") == {"counter": 201, "x": 200}
+
+
+def test_an_id_redis_does_not_hold_is_never_adopted(redis_app: Flask, redis_url: str, redis_prefix: str) -> None:
+    chosen = secrets.token_urlsafe(32)
+    client = redis_app.test_client()
+    client.set_cookie("session", chosen)
+    response = client.get("/inc")
+    assert response.text == "counter is 1"
+    given = _cookie(client)
+    assert given != chosen, "the client gets a fresh id of ours"
+    direct = redis.Redis.from_url(redis_url)
+    assert not direct.exists(redis_prefix + "session:" + hashlib.sha256(f"session:{chosen}".encode()).hexdigest())
+    assert direct.exists(redis_prefix + "session:" + hashlib.sha256(f"session:{given}".encode()).hexdigest())
+    direct.close()
+
+
+def _stalled(own_redis: RedisExecutor) -> int:
+    pid = own_redis.process.pid  # type: ignore[union-attr]
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
+def _during_a_stall(own_redis: RedisExecutor, request: Callable[[], T]) -> tuple[T, float]:
+    """Run ``request`` while Redis is stopped; return its result and how long it took.
+
+    In a thread, so that a request that would wait forever fails the test
+    (Redis is resumed after 5 s) instead of hanging it.
+    """
+    done: list[tuple[T, float]] = []
+    pid = _stalled(own_redis)
+    try:
+        began = time.monotonic()
+        thread = threading.Thread(target=lambda: done.append((request(), time.monotonic() - began)))
+        thread.start()
+        thread.join(5)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    thread.join(10)
+    return done[0]
+
+
+def test_a_write_that_a_stalled_redis_runs_after_its_deadline_does_nothing(
+    tmp_path: Path, own_redis: RedisExecutor
+) -> None:
+    # Timeout 1 s: the client waits up to 1 s, but a write may apply only within
+    # half of it.  Redis wakes at 0.7 s, while the client still waits: the
+    # script must see that it is late, and the answer must say so.
+    client = _app_on(tmp_path, f"redis://127.0.0.1:{own_redis.port}/0", REDIS_TIMEOUT=1.0).test_client()
+    assert client.get("/inc").text == "counter is 1"
+    answers: list[tuple[int, str]] = []
+    pid = _stalled(own_redis)
+    try:
+        sender = threading.Thread(target=lambda: answers.append((client.get("/inc").status_code, "")))
+        sender.start()
+        time.sleep(0.7)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    sender.join(5)
+    assert answers[0][0] == 503
+    assert client.get("/counter").text == "counter is 1", "the late write did nothing"
+
+
+def test_a_timed_out_write_is_sent_once_and_answered_within_the_timeout(
+    tmp_path: Path, own_redis: RedisExecutor
+) -> None:
+    # With redis-py's retries on, a timed-out write would be sent again on a new
+    # connection, and the 503 would come after twice the timeout or more.
+    client = _app_on(tmp_path, f"redis://127.0.0.1:{own_redis.port}/0", REDIS_TIMEOUT=1.0).test_client()
+    assert client.get("/inc").text == "counter is 1"
+    admin = redis.Redis(port=own_redis.port)
+    before = admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    response, took = _during_a_stall(own_redis, lambda: client.get("/inc"))
+    assert response.status_code == 503
+    after = admin.info("commandstats")["cmdstat_evalsha"]["calls"]
+    assert after - before == 1, "no second copy reached Redis"
+    assert took < 1.6, f"answered after {took:.2f} s on a 1 s timeout"
+    admin.close()
+
+
+@pytest.mark.parametrize("path", ["/counter", "/global", "/healthz", "/inc", "/global/inc"])
+def test_reads_and_writes_on_a_hung_redis_answer_503_within_the_timeout(
+    tmp_path: Path, own_redis: RedisExecutor, path: str
+) -> None:
+    app = _app_on(tmp_path, f"redis://127.0.0.1:{own_redis.port}/0", REDIS_TIMEOUT=1.0)
+    client = app.test_client()
+    assert client.get("/inc").text == "counter is 1"
+    response, took = _during_a_stall(own_redis, lambda: client.get(path))
+    assert response.status_code == 503 and response.headers["Retry-After"]
+    # Within one timeout (and some slack for a busy machine), not two: a retry would double it.
+    assert took < 1.6, f"{path} waited {took:.2f} s on a 1 s timeout"

@@ -9,7 +9,7 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import cli, config, faults, metrics, ops, render, security, sessions, views
+from . import cli, config, faults, metrics, ops, quota, render, security, sessions, views
 from .store import make_store
 
 
@@ -30,6 +30,7 @@ def create_app(test_config: dict[str, Any] | None = None, instance_path: str | N
     app.register_blueprint(views.bp)
     app.register_blueprint(ops.bp)
     metrics.init_app(app)
+    quota.init_app(app)  # after metrics: it wraps the sessions-created hook
     cli.init_app(app)
 
     proxies = int(app.config["PROXY_COUNT"])

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from functools import wraps
+from typing import ParamSpec, TypeVar
 
 from flask import current_app, session
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import BadRequest
 
+from . import faults
 from .sessions import TallySession, TallySessionInterface
 from .store import INT64_MAX, INT64_MIN, OutOfRange, Store
 from .store.base import integer_field
 
-#: ASCII digits only: int() would also take "1_000", " 7" and "٣".
-_INTEGER = re.compile(r"[+-]?[0-9]{1,20}")
+#: ASCII digits only: int() would also take "1_000", " 7" and "٣".  Any
+#: number of leading zeros: a number is a number.
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+#: The longest ``by`` read.  gunicorn's request line (4094 bytes) bounds a
+#: query string, but a form body may be 16 KiB, and int() refuses strings over
+#: 4300 digits with a ValueError (a 500); 4096 leaves room for any ``by`` that
+#: fits in a request line.
+MAX_STEP_LENGTH = 4096
 
 
 def parse_step(values: MultiDict[str, str]) -> int:
@@ -23,12 +33,30 @@ def parse_step(values: MultiDict[str, str]) -> int:
         return 1
     if len(given) > 1:
         raise BadRequest("give 'by' at most once")
+    if len(given[0]) > MAX_STEP_LENGTH:
+        raise BadRequest(f"'by' must be at most {MAX_STEP_LENGTH} characters long")
     if not _INTEGER.fullmatch(given[0]):
         raise BadRequest("'by' must be a whole number, such as by=5 or by=-3")
     step = int(given[0])
     if not INT64_MIN <= step <= INT64_MAX:
         raise BadRequest("'by' must fit in a signed 64-bit integer")
     return step
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _uses_store(fn: Callable[P, R]) -> Callable[P, R]:
+    """Mark a function that works on the store: its success shows that a storage fault cleared."""
+
+    @wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        result = fn(*args, **kwargs)
+        faults.worked()
+        return result
+
+    return wrapper
 
 
 def _interface() -> TallySessionInterface:
@@ -48,11 +76,13 @@ def store() -> Store:
     return _interface().store
 
 
+@_uses_store
 def read() -> int:
     """Return this client's counter; never writes."""
     return integer_field(_session(), "counter")
 
 
+@_uses_store
 def add(step: int) -> int:
     """Atomically add ``step`` to this client's counter and return the new value."""
     try:
@@ -61,6 +91,7 @@ def add(step: int) -> int:
         raise BadRequest("the counter would leave the signed 64-bit range; it is unchanged") from exc
 
 
+@_uses_store
 def reset() -> None:
     """Set this client's counter to 0, creating its session if it has none.
 
@@ -71,11 +102,13 @@ def reset() -> None:
     _interface().update(current_app, _session(), lambda record: record | {"counter": 0})
 
 
+@_uses_store
 def read_global() -> int:
     """Return the counter shared by every client."""
     return store().read_global()
 
 
+@_uses_store
 def increment_global() -> int:
     """Atomically take the next global number."""
     return store().increment_global()

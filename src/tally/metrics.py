@@ -14,7 +14,15 @@ from functools import lru_cache
 from typing import Any
 
 from flask import Flask, Response, g, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 from .sessions import TallySessionInterface
 from .store import StorageError
@@ -70,11 +78,13 @@ def _observe(response: Response) -> Response:
 
 def exposition() -> Response:
     """The metrics in Prometheus's text format."""
+    registry = REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
-    return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    # content_type, not mimetype: CONTENT_TYPE_LATEST has its charset already,
+    # and a repeated parameter fails the scrape in Prometheus 3.
+    return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
 
 
 def init_app(app: Flask) -> None:

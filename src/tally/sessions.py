@@ -108,12 +108,14 @@ for _name in (
 class TallySessionInterface(ServerSideSessionInterface):
     """Flask-Session's interface, storing through a :class:`Store`."""
 
-    session_class = TallySession  # type: ignore[assignment]
+    session_class = TallySession
 
     def __init__(self, store: Store, key_prefix: str) -> None:
         # No app is kept on the interface: it serves whichever app calls it.
-        super().__init__(None, key_prefix=key_prefix, permanent=True, sid_length=32)  # type: ignore[arg-type]
+        super().__init__(None, key_prefix=key_prefix, permanent=True, sid_length=32)
         self.store = store
+        #: Called before a new session is stored; raises to refuse it (a quota).
+        self.before_create: Callable[[], None] = lambda: None
         #: Called when a new session is first stored.
         self.on_created: Callable[[], None] = lambda: None
 
@@ -137,6 +139,7 @@ class TallySessionInterface(ServerSideSessionInterface):
             session.renew(self._generate_sid(self.sid_length))  # unknown or expired: never adopt it
         elif not create:
             return None
+        self.before_create()
         result = write(self._get_store_id(session.sid), True)
         self.on_created()
         return result

@@ -109,8 +109,8 @@ class Store(ABC):
     record that was not written for its ``ttl`` as absent.
 
     The methods to implement are :meth:`load`, :meth:`update`, :meth:`delete`,
-    :meth:`increment_global`, :meth:`read_global`, :meth:`stats` and
-    :meth:`check`; :meth:`add` where the backend can add faster than a
+    :meth:`increment_global`, :meth:`read_global`, :meth:`stats`,
+    :meth:`count` and :meth:`check`; :meth:`add` where the backend can add faster than a
     read-modify-write, and :meth:`prune` where expiry is not automatic.
 
     ``create=False`` on a write means "only if the session exists": a client's
@@ -164,6 +164,10 @@ class Store(ABC):
         ``lifetime`` is the configured session lifetime, for stores that only
         know when a session expires, not when it was written.
         """
+
+    @abstractmethod
+    def count(self) -> int:
+        """Count the stored sessions quickly: on files, expired ones count until pruned."""
 
     @abstractmethod
     def check(self) -> None:

@@ -376,7 +376,8 @@ class RedisStore(Store):
             for client in self.target.primaries():
                 for rkey in self._session_keys(client):
                     pipe = client.pipeline(transaction=False)
-                    pipe.memory_usage(rkey).pttl(rkey)
+                    pipe.memory_usage(rkey)
+                    pipe.pttl(rkey)
                     usage, pttl = pipe.execute()
                     if usage is None or pttl == -2:
                         continue  # expired between SCAN and now
@@ -388,6 +389,12 @@ class RedisStore(Store):
             return Stats(count, size, oldest)
 
         return self._checked(collect)
+
+    def count(self) -> int:
+        try:
+            return sum(1 for client in self.target.primaries() for _ in self._session_keys(client))
+        except Failure as exc:
+            raise _translate(exc) from exc
 
     def prune(self, lifetime: int, progress: Callable[[PruneReport], None] | None = None) -> PruneReport:
         """Redis expires sessions itself: report what is kept, as ``stats`` counts it."""

@@ -100,11 +100,11 @@ class ClusterTarget(Target):
 
     def client_for(self, key: str) -> redis.Redis:
         cluster = self.client
-        return cluster.get_redis_connection(cluster.get_node_from_key(key))
+        return cluster.get_redis_connection(cluster.get_node_from_key(key))  # type: ignore[no-untyped-call]
 
     def primaries(self) -> list[redis.Redis]:
         cluster = self.client
-        return [cluster.get_redis_connection(node) for node in cluster.get_primaries()]
+        return [cluster.get_redis_connection(node) for node in cluster.get_primaries()]  # type: ignore[no-untyped-call]
 
     def refresh(self) -> None:
         if self._cluster is not None:
@@ -127,7 +127,7 @@ class _Sentinel(Sentinel):
 
     def discover_master(self, service_name: str) -> Any:
         try:
-            return super().discover_master(service_name)
+            return super().discover_master(service_name)  # type: ignore[no-untyped-call]
         except MasterNotFoundError as exc:
             for sentinel in self.sentinels:
                 try:
@@ -166,23 +166,23 @@ def connect(url: str, timeout: float) -> Target:
     # redis-py parses the credentials, TLS and query arguments, as for one server.
     userinfo = parts.netloc.rpartition("@")[0]
     single = f"{base}://{userinfo + '@' if userinfo else ''}{nodes[0][0]}:{nodes[0][1]}?{parts.query}"
-    options = {k: v for k, v in parse_url(single).items() if k not in ("host", "port", "db")}
+    options = {k: v for k, v in parse_url(single).items() if k not in ("host", "port", "db")}  # type: ignore[no-untyped-call]
     if options.pop("connection_class", None) is SSLConnection:
         options["ssl"] = True
 
     if topology == "cluster":
         if segments:
             raise ValueError("a redis+cluster:// URL takes no path: a Cluster has one database")
-        return ClusterTarget([ClusterNode(host, port) for host, port in nodes], {**options, **common})
+        return ClusterTarget([ClusterNode(host, port) for host, port in nodes], {**options, **common})  # type: ignore[no-untyped-call]
 
     if not 1 <= len(segments) <= 2 or (len(segments) == 2 and not segments[1].isdigit()):
         raise ValueError("a redis+sentinel:// URL ends with /SERVICE or /SERVICE/DB")
     db = int(segments[1]) if len(segments) == 2 else 0
-    sentinel = _Sentinel(
+    sentinel = _Sentinel(  # type: ignore[no-untyped-call]
         nodes,
         sentinel_kwargs={**options, **common, "retry": no_retries()},
         retry=no_retries(),
         **options,
         **common,
     )
-    return Target(sentinel.master_for(segments[0], db=db))
+    return Target(sentinel.master_for(segments[0], db=db))  # type: ignore[no-untyped-call]

@@ -1,0 +1,192 @@
+"""Bounds on new sessions: per client address (a rate), and for the whole store (a cap).
+
+A client with no cookie jar makes a session on every request; one address
+made 28,000 in ten seconds.  Each address may create
+``NEW_SESSIONS_PER_MINUTE`` sessions (429 with ``Retry-After`` past that), and
+an operator may cap the store at ``MAX_SESSIONS`` (507 at the cap).  Neither
+touches sessions that exist: they keep counting, and nothing is evicted.
+
+The rate is kept by the ``limits`` library (Flask-Limiter's), in a storage
+that every worker and instance shares: the Redis that holds the sessions, or,
+for the file store, files beside the sessions (see :class:`FileQuotaStorage`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from typing import Any
+
+from flask import Flask, current_app, request
+from limits import RateLimitItemPerMinute
+from limits.errors import StorageError as LimitsStorageError
+from limits.storage import Storage, storage_from_string
+from limits.strategies import FixedWindowRateLimiter
+from werkzeug.exceptions import TooManyRequests
+
+from .sessions import TallySessionInterface
+from .store import StorageError, Store
+from .store.files import RecordFileCache
+
+#: How long a count of the stored sessions stands before it is taken again.
+COUNT_SECONDS = 10.0
+QUOTA_DIR = "quotas"
+
+
+class FileQuotaStorage(Storage):
+    """A ``limits`` storage in files, shared by every process on the machine.
+
+    ``limits`` ships memory (one process only), Redis, Memcached, MongoDB and
+    etcd storages, none of which the file store may assume.  Each counter is
+    one record file, updated with the file store's own locked
+    read-modify-write, so the fixed windows hold across workers and
+    instances, and a killed process leaves no lock behind.
+    """
+
+    STORAGE_SCHEME = None  # made directly, never from a URI
+
+    def __init__(self, folder: str, **options: Any) -> None:
+        super().__init__(wrap_exceptions=True)
+        self.folder = folder
+        self.cache = RecordFileCache(folder)
+
+    @property
+    def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
+        return StorageError
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.folder, hashlib.sha256(key.encode()).hexdigest())
+
+    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        now = time.time()
+
+        def count(record: dict[str, Any]) -> dict[str, Any]:
+            if record.get("until", 0) <= now:  # a new window
+                return {"n": amount, "until": now + expiry}
+            return {"n": record["n"] + amount, "until": record["until"]}
+
+        record = self.cache.update_path(self._path(key), count, int(expiry) + 1)
+        assert record is not None
+        return int(record["n"])
+
+    def _live(self, key: str) -> dict[str, Any]:
+        record = self.cache.read_path(self._path(key)) or {}
+        return record if record.get("until", 0) > time.time() else {}
+
+    def get(self, key: str) -> int:
+        return int(self._live(key).get("n", 0))
+
+    def get_expiry(self, key: str) -> float:
+        return float(self._live(key).get("until", time.time()))
+
+    def check(self) -> bool:
+        return os.access(self.folder, os.W_OK)
+
+    def reset(self) -> int | None:
+        removed = 0
+        for entry in self.cache.session_files():
+            self.cache.delete_path(entry.path)
+            removed += 1
+        return removed
+
+    def clear(self, key: str) -> None:
+        self.cache.delete_path(self._path(key))
+
+
+class Quota:
+    """The checks made before a new session is stored."""
+
+    def __init__(self, store: Store, per_minute: int, cap: int, storage: Storage | None) -> None:
+        self.store = store
+        self.cap = cap
+        self.item = RateLimitItemPerMinute(per_minute) if per_minute else None
+        self.limiter = FixedWindowRateLimiter(storage) if storage and per_minute else None
+        self._counted_at = -COUNT_SECONDS
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def before_create(self) -> None:
+        """Raise 429 past this address's rate, or a 507 StorageError at the store's cap."""
+        if self.limiter and self.item:
+            address = request.remote_addr or "unknown"
+            try:
+                allowed = self.limiter.hit(self.item, "new-sessions", address)
+                if not allowed:
+                    reset = self.limiter.get_window_stats(self.item, "new-sessions", address).reset_time
+            except LimitsStorageError as exc:
+                raise StorageError("unavailable", "the session quota could not be checked", 503) from exc
+            if not allowed:
+                wait = max(1, int(reset - time.time() + 0.999))
+                raise TooManyRequests(
+                    f"this address made {self.item.amount} new sessions in the last minute; "
+                    f"keep your cookie, or try again in {wait} s",
+                    retry_after=wait,
+                )
+        if self.cap and self._stored() >= self.cap:
+            raise StorageError("store_full", f"the session store holds its maximum of {self.cap} sessions", 507)
+
+    def _stored(self) -> int:
+        """The number of stored sessions, counted at most every few seconds, plus those made since."""
+        now = time.monotonic()
+        if now - self._counted_at > COUNT_SECONDS:
+            with self._lock:
+                if now - self._counted_at > COUNT_SECONDS:
+                    self._count = self.store.count()
+                    self._counted_at = time.monotonic()
+        return self._count
+
+    def created(self) -> None:
+        """Count a session this process just stored, until the next count."""
+        self._count += 1
+
+
+def _sync(storage: object) -> Storage:
+    # storage_from_string may make an async storage (async+redis://); the
+    # settings refuse those, so this holds.
+    assert isinstance(storage, Storage)
+    return storage
+
+
+def _storage(app: Flask) -> Storage:
+    uri = app.config.get("RATELIMIT_STORAGE_URI")
+    if uri:
+        return _sync(storage_from_string(uri, wrap_exceptions=True))
+    redis_url = app.config.get("REDIS_URL")
+    if redis_url:
+        # The sessions' own Redis, in the same URL form, which limits reads too;
+        # with the same timeouts and no retries, so a hung Redis fails fast here too.
+        from .store.redis_connect import no_retries  # here: the file store needs no Redis client
+
+        timeout = float(app.config["REDIS_TIMEOUT"])
+        options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": no_retries()}
+        if "+sentinel" in redis_url.partition("://")[0]:
+            options["sentinel_kwargs"] = dict(options)
+        prefix = app.config["REDIS_PREFIX"] + "quota"
+        return _sync(storage_from_string(redis_url, wrap_exceptions=True, key_prefix=prefix, **options))
+    return FileQuotaStorage(os.path.join(app.config["SESSION_DIR"], QUOTA_DIR))
+
+
+def init_app(app: Flask) -> None:
+    """Check the quota before each new session is stored."""
+    interface = app.session_interface
+    assert isinstance(interface, TallySessionInterface)
+    per_minute = int(app.config["NEW_SESSIONS_PER_MINUTE"])
+    storage = _storage(app) if per_minute else None
+    quota = Quota(interface.store, per_minute, int(app.config["MAX_SESSIONS"]), storage)
+    app.extensions["tally.quota"] = quota
+    interface.before_create = quota.before_create
+    created = interface.on_created
+
+    def on_created() -> None:
+        quota.created()
+        created()
+
+    interface.on_created = on_created
+
+
+def quota() -> Quota:
+    """The app's quota."""
+    found: Quota = current_app.extensions["tally.quota"]
+    return found

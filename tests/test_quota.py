@@ -1,0 +1,73 @@
+"""Bounded storage: a flood of new sessions from one address, and a cap on the whole store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import requests
+from pytest_redis.executor.process import RedisExecutor
+
+from conftest import Server, ServerFactory
+from tally import create_app
+
+
+def _fresh(server: Server, **headers: str) -> requests.Response:
+    """A request with no cookie: each one asks for a new session."""
+    return requests.get(server.url + "/inc", headers=headers, timeout=30)
+
+
+def _session_files(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if len(p.name) == 64]
+
+
+@pytest.mark.parametrize("store", ["files", "redis"])
+def test_one_address_may_make_only_so_many_sessions_a_minute_across_instances(
+    serve: ServerFactory, tmp_path: Path, store: str, request: pytest.FixtureRequest
+) -> None:
+    settings = {"new_sessions_per_minute": "20"}
+    if store == "redis":
+        own_redis: RedisExecutor = request.getfixturevalue("own_redis")
+        settings["redis_url"] = f"redis://127.0.0.1:{own_redis.port}/0"
+    servers = [serve(workers=2, threads=2, **settings), serve(workers=2, threads=2, **settings)]
+    regular = servers[0].new_client()  # a client with a cookie before the flood
+    answers = [_fresh(servers[n % 2]) for n in range(29)]
+    statuses = [a.status_code for a in answers]
+    assert statuses.count(200) == 19 and statuses.count(429) == 10, "20 in all, counted across both instances"
+    for refused in (a for a in answers if a.status_code == 429):
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60
+        assert "new sessions" in refused.text and "Set-Cookie" not in refused.headers
+    if store == "files":
+        assert len(_session_files(servers[0].session_dir)) == 20, "a refused request stores nothing"
+    assert servers[1].get("/inc", regular).text == "counter is 2", "existing sessions keep counting"
+
+
+def test_behind_a_proxy_each_real_client_address_has_its_own_quota(serve: ServerFactory) -> None:
+    server = serve(workers=2, threads=2, new_sessions_per_minute="5", proxy_count="1")
+    first = [_fresh(server, **{"X-Forwarded-For": "203.0.113.1"}).status_code for _ in range(7)]
+    assert first == [200] * 5 + [429] * 2
+    assert _fresh(server, **{"X-Forwarded-For": "203.0.113.2"}).status_code == 200, "another client"
+
+
+def test_the_store_cap_refuses_new_sessions_with_507_and_keeps_the_old_counting(tmp_path: Path) -> None:
+    app = create_app({"SECRET_KEY": "k", "MAX_SESSIONS": 5}, instance_path=str(tmp_path))
+    clients = [app.test_client() for _ in range(5)]
+    for client in clients:
+        assert client.get("/inc").text == "counter is 1"
+    refused = app.test_client().get("/inc")
+    assert refused.status_code == 507 and "maximum of 5 sessions" in refused.text
+    assert refused.headers["Retry-After"] and "Set-Cookie" not in refused.headers
+    assert clients[0].get("/inc").text == "counter is 2"
+    assert len(_session_files(Path(app.config["SESSION_DIR"]))) == 5
+
+
+def test_with_the_limit_off_nothing_is_refused(tmp_path: Path) -> None:
+    app = create_app({"SECRET_KEY": "k", "NEW_SESSIONS_PER_MINUTE": 0}, instance_path=str(tmp_path))
+    assert {app.test_client().get("/inc").status_code for _ in range(400)} == {200}
+
+
+def test_the_default_limit_is_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TALLY_NEW_SESSIONS_PER_MINUTE")  # the suite turns it off for other tests
+    app = create_app({"SECRET_KEY": "k"}, instance_path=str(tmp_path))
+    statuses = [app.test_client().get("/inc").status_code for _ in range(301)]
+    assert statuses == [200] * 300 + [429]
