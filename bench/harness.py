@@ -207,7 +207,7 @@ def wrk(
     command += ["-s", str(BENCH / "session.lua"), url]
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
     line = next(line for line in out.splitlines() if line.startswith("BENCH "))
-    result = json.loads(line[len("BENCH ") :])
+    result: dict[str, float] = json.loads(line[len("BENCH ") :])
     result["rps"] = result["requests"] / result["seconds"]
     return result
 
@@ -223,7 +223,8 @@ def run_once(system: System, mode: str, seconds: float, connections: int) -> dic
 
     if mode == "many":
         return wrk(system.url, seconds, connections)
-    cookie = requests.get(system.url + "/inc", timeout=10).cookies["session"]
+    cookie = requests.get(system.url + "/inc", timeout=10).cookies.get("session")
+    assert cookie, f"{system.name} gave no session cookie"
     before = counter(system, cookie)
     result = wrk(system.url, seconds, connections, cookie)
     time.sleep(0.2)  # let requests cut off at the end land
@@ -245,7 +246,12 @@ def _populate(args: tuple[str, int, int, int, int]) -> list[str]:
         expired = i % 31 == 0
         sid = secrets.token_urlsafe(32)
         path = cache.path_for("session:" + sid)
-        cache.update_path(path, lambda r, new={"counter": i}: new, -1 if expired else ttl_live)
+        record: dict[str, Any] = {"counter": i}
+
+        def stored(_: dict[str, Any], new: dict[str, Any] = record) -> dict[str, Any]:
+            return new
+
+        cache.update_path(path, stored, -1 if expired else ttl_live)
         if expired:
             os.utime(path, (last_written, last_written))
         elif i % every == 0:

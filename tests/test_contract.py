@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from flask.testing import FlaskClient
 
-from conftest import CHROMIUM, CURL, REQUESTS
+from conftest import CHROMIUM, CURL, REQUESTS, json_of
 
 SCRIPTS = [pytest.param(CURL, id="curl"), pytest.param(REQUESTS, id="requests"), pytest.param("text/plain", id="text")]
 
@@ -40,7 +40,7 @@ def test_json_answers(client: FlaskClient) -> None:
     assert client.get("/dec", headers=h).json == {"counter": 2}
     assert client.get("/counter", headers=h).json == {"counter": 2}
     assert client.post("/reset", headers=h).json == {"counter": 0}
-    before = client.get("/global", headers=h).json["global"]
+    before = json_of(client.get("/global", headers=h))["global"]
     assert client.post("/global/inc", headers=h).json == {"global": before + 1}
     assert client.get("/global", headers=h).json == {"global": before + 1}
 
@@ -98,7 +98,7 @@ def test_404_and_405_are_rendered_too(client: FlaskClient, accept: str) -> None:
     assert wrong.status_code == 405 and "POST" in wrong.headers["Allow"]
     assert client.post("/counter").status_code == 405
     if accept == "application/json":
-        assert set(missing.json) == {"error"} and set(wrong.json) == {"error"}
+        assert set(json_of(missing)) == {"error"} and set(json_of(wrong)) == {"error"}
 
 
 @pytest.mark.parametrize(

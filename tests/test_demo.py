@@ -191,8 +191,8 @@ def test_the_demo_stops_its_servers_and_deletes_its_files_when_told_to_stop(tmp_
 
 def test_the_page_links_to_the_question_answered(client: FlaskClient) -> None:
     with client.get("/", headers={"Accept": CHROMIUM}) as page:
-        assert 'href="/static/question.html"' in page.text
+        assert 'href="/static/question.html"' in page.get_data(as_text=True)
     with client.get("/static/question.html") as answer:
         assert answer.status_code == 200
         assert answer.mimetype == "text/html"
-        assert "make demo" in answer.text
+        assert "make demo" in answer.get_data(as_text=True)

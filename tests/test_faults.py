@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
+from conftest import json_of
 from tally import create_app
 from tally.store.files import storage_error
 
@@ -61,7 +62,7 @@ def test_a_read_only_filesystem_is_a_503_and_reads_still_work(disk_app: Flask, s
     try:
         response = client.get("/inc", headers={"Accept": "application/json"})
         assert response.status_code == 503 and response.headers["Retry-After"]
-        assert "read-only" in response.json["error"]
+        assert "read-only" in json_of(response)["error"]
         assert client.get("/counter").text == "counter is 4"
         assert client.get("/global/inc").status_code == 503
     finally:

@@ -80,7 +80,7 @@ def test_one_cookie_from_many_connections_loses_nothing_on_files(serve: ServerFa
 
 
 @each_worker_class
-def test_one_cookie_from_many_connections_loses_nothing_on_redis(  # type: ignore[no-untyped-def]
+def test_one_cookie_from_many_connections_loses_nothing_on_redis(
     serve: ServerFactory, worker_class: str, redis_url: str, redis_prefix: str, tmp_path: Path
 ) -> None:
     unused = tmp_path / "unused-session-dir"
