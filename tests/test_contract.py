@@ -136,3 +136,15 @@ def test_cookie_dependent_answers_are_not_cached(client: FlaskClient) -> None:
         response = client.get(path)
         assert response.headers["Cache-Control"] == "no-store"
         assert "Cookie" in response.headers["Vary"]
+
+
+def test_the_exact_bodies_and_headers_a_script_relies_on(client: FlaskClient) -> None:
+    text = client.get("/inc")
+    assert text.get_data() == b"counter is 1" and text.headers["Content-Type"] == "text/plain; charset=utf-8"
+    as_json = client.get("/inc", headers={"Accept": "application/json"})
+    assert as_json.get_data() == b'{"counter":2}\n' and as_json.headers["Content-Type"] == "application/json"
+    error = client.get("/inc?by=x", headers={"Accept": "application/json"})
+    assert error.get_data().startswith(b'{"error":"') and error.get_data().endswith(b'"}\n')
+    for response in (text, as_json, error):
+        assert response.headers["Cache-Control"] == "no-store"
+        assert response.headers["Vary"] == "Cookie, Accept"
