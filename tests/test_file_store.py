@@ -191,3 +191,29 @@ def test_the_fsync_setting_fsyncs_each_write(
     client.get("/global/inc")
     assert len(synced) == 6 * fsyncs, "one fsync per write, of the file written"
     assert client.get("/counter").text == "counter is 6"
+
+
+def test_prune_keeps_a_session_written_between_its_read_and_its_removal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The race, made to happen: prune reads a file as expired, and before it
+    # takes the file's lock a request that had read the session as live just
+    # before its expiry writes it.  Judged again under the lock, it is kept.
+    store = files.FileStore(str(tmp_path / "s"))
+    keys = [f"session:{n:043d}" for n in range(6)]
+    for key in keys:
+        store.add(key, "counter", 1, 1)
+    time.sleep(1.1)  # all expired
+    written = keys[::2]
+    real_prune_file = store.cache.prune_file
+
+    def write_first(path: str) -> int | None:
+        for key in written:
+            if store.cache.path_for(key) == path:
+                store.cache.update_path(path, lambda record: {"counter": 7}, 60)
+        return real_prune_file(path)
+
+    monkeypatch.setattr(store.cache, "prune_file", write_first)
+    report = store.prune(lifetime=1)
+    assert (report.removed, report.kept) == (3, 3)
+    assert [store.load(key) for key in keys] == [{"counter": 7}, None] * 3
