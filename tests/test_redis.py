@@ -522,3 +522,16 @@ def test_reads_and_writes_on_a_hung_redis_answer_503_within_the_timeout(
     assert response.status_code == 503 and response.headers["Retry-After"]
     # Within one timeout (and some slack for a busy machine), not two: a retry would double it.
     assert took < 1.6, f"{path} waited {took:.2f} s on a 1 s timeout"
+
+
+def test_stats_judge_ages_by_each_write_not_by_the_callers_lifetime(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    # cron runs `flask sessions stats` without the service's environment: its
+    # lifetime is the default 31 days, the service's was 100 s.
+    service = _app_on(tmp_path, redis_url, REDIS_PREFIX=redis_prefix, PERMANENT_SESSION_LIFETIME=100)
+    service.test_client().get("/inc")
+    cron = _app_on(tmp_path, redis_url, REDIS_PREFIX=redis_prefix)
+    output = cron.test_cli_runner().invoke(args=["sessions", "stats"]).output
+    assert "sessions: 1\n" in output
+    assert "oldest: written 0s ago" in output or "oldest: written 1s ago" in output, output

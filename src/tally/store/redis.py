@@ -72,6 +72,7 @@ _ADD = _Script(
 if ARGV[5] == '0' and redis.call('EXISTS', KEYS[1]) == 0 then return false end
 redis.call('HINCRBY', KEYS[1], ARGV[2], ARGV[3])
 redis.call('HINCRBY', KEYS[1], '_v', 1)
+redis.call('HSET', KEYS[1], '_w', t[1])
 if tonumber(ARGV[4]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
 -- Read back as a string: an integer reply becomes a Lua double, inexact past 2^53.
 return redis.call('HGET', KEYS[1], ARGV[2])
@@ -85,7 +86,7 @@ _CAS = _Script(
 if (redis.call('HGET', KEYS[1], '_v') or '') ~= ARGV[2] then return 0 end
 redis.call('DEL', KEYS[1])
 if #ARGV > 3 then
-  redis.call('HSET', KEYS[1], '_v', (tonumber(ARGV[2]) or 0) + 1, unpack(ARGV, 4))
+  redis.call('HSET', KEYS[1], '_v', (tonumber(ARGV[2]) or 0) + 1, '_w', t[1], unpack(ARGV, 4))
   if tonumber(ARGV[3]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 end
 return 1
@@ -163,9 +164,13 @@ def _translate(exc: Exception) -> Exception:
     return StorageError("redis_error", f"Redis failed: {exc}", 503)
 
 
+#: Fields of ours in a session's hash: the write count, and when it was last written (Redis's clock, s).
+_BOOKKEEPING = frozenset({b"_v", b"_w"})
+
+
 def _decode(fields: dict[bytes, bytes]) -> Record:
     try:
-        return {k.decode(): json.loads(v) for k, v in fields.items() if k != b"_v"}
+        return {k.decode(): json.loads(v) for k, v in fields.items() if k not in _BOOKKEEPING}
     except (UnicodeDecodeError, ValueError) as exc:
         raise CorruptRecord(str(exc)) from exc
 
@@ -372,20 +377,30 @@ class RedisStore(Store):
     def stats(self, lifetime: int) -> Stats:
         def collect() -> Stats:
             count = size = 0
-            soonest: int | None = None
+            oldest: float | None = None
             for client in self.target.primaries():
+                now, _ = client.time()
                 for rkey in self._session_keys(client):
                     pipe = client.pipeline(transaction=False)
                     pipe.memory_usage(rkey)
                     pipe.pttl(rkey)
-                    usage, pttl = pipe.execute()
+                    pipe.hget(rkey, "_w")
+                    usage, pttl, written = pipe.execute()
                     if usage is None or pttl == -2:
                         continue  # expired between SCAN and now
                     count += 1
                     size += usage
-                    if pttl >= 0:
-                        soonest = pttl if soonest is None else min(soonest, pttl)
-            oldest = None if soonest is None or not lifetime else lifetime - soonest / 1000
+                    # Each write records its time: the lifetime it was written
+                    # with need not be this process's (cron runs without the
+                    # service's environment).  Sessions of older versions
+                    # have only their TTL, judged by this lifetime.
+                    if written is not None:
+                        age = float(now - int(written))
+                    elif pttl >= 0 and lifetime:
+                        age = lifetime - pttl / 1000
+                    else:
+                        continue
+                    oldest = age if oldest is None else max(oldest, age)
             return Stats(count, size, oldest)
 
         return self._checked(collect)
