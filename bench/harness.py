@@ -470,7 +470,8 @@ def run_scale(work: Path, env: dict[str, str], args: argparse.Namespace) -> list
         for system in systems:
             system.stop()
     largest = systems[-1]
-    kept = sum(1 for _ in os.scandir(largest.env["TALLY_SESSION_DIR"]))
+    # Session files only: the folder also holds the per-address quota counts (quotas/).
+    kept = sum(1 for entry in os.scandir(largest.env["TALLY_SESSION_DIR"]) if len(entry.name) == 64)
     assert kept == rows[-1]["sessions"], f"the runs created sessions ({kept}): cookies were not the stored ones"
     began = time.monotonic()
     prune = [sys.executable, "-m", "flask", "--app", "run", "sessions", "prune"]
