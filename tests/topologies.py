@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 from urllib.parse import quote
 
 import pytest
@@ -914,16 +914,29 @@ def _need_trustme() -> None:
         unavailable("trustme is not installed: pip install 'trustme>=1.1'")
 
 
+class _Startable(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Startable)
+
+
+def _running(thing: S) -> Iterator[S]:
+    """Start ``thing`` for a fixture, and stop it afterwards whatever happened (a failed start too)."""
+    try:
+        thing.start()
+        yield thing
+    finally:
+        thing.stop()
+
+
 @pytest.fixture
 def sentinel_setup(tmp_path: Path) -> Iterator[SentinelSetup]:
     """A started Sentinel set-up of this test's own; stopped afterwards whatever happened."""
     _need(redis_server(), "redis-server")
     setup = SentinelSetup(tmp_path / "sentinel")
-    try:
-        setup.start()
-        yield setup
-    finally:
-        setup.stop()
+    yield from _running(setup)
 
 
 @pytest.fixture
@@ -932,11 +945,7 @@ def redis_cluster(tmp_path: Path) -> Iterator[ClusterSetup]:
     _need(redis_server(), "redis-server")
     _need(redis_cli(), "redis-cli")
     setup = ClusterSetup(tmp_path / "cluster")
-    try:
-        setup.start()
-        yield setup
-    finally:
-        setup.stop()
+    yield from _running(setup)
 
 
 @pytest.fixture
@@ -946,11 +955,7 @@ def secure_redis(tmp_path: Path) -> Iterator[RedisNode]:
     _need_trustme()
     folder = tmp_path / "secure-redis"
     node = RedisNode(folder / "data", password=PASSWORD, tls=TLSFiles.create(folder / "tls"))
-    try:
-        node.start()
-        yield node
-    finally:
-        node.stop()
+    yield from _running(node)
 
 
 @pytest.fixture
@@ -960,11 +965,7 @@ def secure_sentinel_setup(tmp_path: Path) -> Iterator[SentinelSetup]:
     _need_trustme()
     folder = tmp_path / "secure-sentinel"
     setup = SentinelSetup(folder, password=PASSWORD, tls=TLSFiles.create(folder / "tls"))
-    try:
-        setup.start()
-        yield setup
-    finally:
-        setup.stop()
+    yield from _running(setup)
 
 
 @pytest.fixture
@@ -975,8 +976,4 @@ def secure_redis_cluster(tmp_path: Path) -> Iterator[ClusterSetup]:
     _need_trustme()
     folder = tmp_path / "secure-cluster"
     setup = ClusterSetup(folder, password=PASSWORD, tls=TLSFiles.create(folder / "tls"))
-    try:
-        setup.start()
-        yield setup
-    finally:
-        setup.stop()
+    yield from _running(setup)
