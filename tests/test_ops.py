@@ -16,6 +16,7 @@ from pytest_redis.executor.process import RedisExecutor
 
 from conftest import ServerFactory, free_port, json_of
 from tally import create_app, faults, ops
+from tally.store import files
 
 
 @pytest.fixture(autouse=True)
@@ -194,3 +195,28 @@ def test_a_storage_fault_is_logged_when_it_starts_and_when_it_clears(
     assert len(lines) == 2, lines
     assert lines[0].startswith("storage fault (unavailable):") and "until it clears" in lines[0]
     assert lines[1].startswith("storage fault (unavailable) cleared: 5 operations failed")
+
+
+def test_metrics_networks_hold_under_gunicorn_behind_a_proxy(serve: ServerFactory) -> None:
+    proxied = serve(workers=2, threads=2, proxy_count="1")
+    assert proxied.get("/metrics", headers={"X-Forwarded-For": "203.0.113.7"}).status_code == 403
+    assert proxied.get("/metrics", headers={"X-Forwarded-For": "10.0.0.8"}).status_code == 200
+    public_only = serve(workers=2, threads=2, metrics_allow="203.0.113.0/24")
+    refused = public_only.get("/metrics")
+    assert refused.status_code == 403 and "tally_" not in refused.text
+
+
+def test_healthz_under_gunicorn_writes_the_store_at_most_once_a_second(serve: ServerFactory) -> None:
+    server = serve(workers=1, threads=4)
+    probe = server.session_dir / "healthz"
+
+    def writes() -> int:
+        slot = files.RecordFileCache.read_slot(str(probe))
+        return slot.seq if slot else 0
+
+    assert server.get("/healthz").status_code == 200
+    before, began = writes(), time.monotonic()
+    for _ in range(40):
+        assert server.get("/healthz").status_code == 200
+    elapsed = time.monotonic() - began
+    assert writes() - before <= int(elapsed) + 1, f"{writes() - before} writes in {elapsed:.1f} s"

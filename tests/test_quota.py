@@ -71,3 +71,13 @@ def test_the_default_limit_is_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     app = create_app({"SECRET_KEY": "k"}, instance_path=str(tmp_path))
     statuses = [app.test_client().get("/inc").status_code for _ in range(301)]
     assert statuses == [200] * 300 + [429]
+
+
+def test_the_store_cap_holds_under_gunicorn(serve: ServerFactory) -> None:
+    server = serve(workers=1, threads=2, max_sessions="4")
+    cookies = [server.new_client() for _ in range(4)]
+    refused = _fresh(server)
+    assert refused.status_code == 507 and "maximum of 4 sessions" in refused.text
+    assert refused.headers["Retry-After"] and "Set-Cookie" not in refused.headers
+    assert server.get("/inc", cookies[0]).text == "counter is 2"
+    assert len(_session_files(server.session_dir)) == 4
