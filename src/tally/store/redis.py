@@ -406,10 +406,7 @@ class RedisStore(Store):
         return self._checked(collect)
 
     def count(self) -> int:
-        try:
-            return sum(1 for client in self.target.primaries() for _ in self._session_keys(client))
-        except Failure as exc:
-            raise _translate(exc) from exc
+        return self._checked(lambda: sum(1 for client in self.target.primaries() for _ in self._session_keys(client)))
 
     def prune(self, lifetime: int, progress: Callable[[PruneReport], None] | None = None) -> PruneReport:
         """Redis expires sessions itself: report what is kept, as ``stats`` counts it."""
@@ -437,11 +434,7 @@ class RedisStore(Store):
         # A write where the key lives (on a Cluster, routed like any key), and
         # a PING to every other primary, which holds other sessions.
         self._on(self.prefix + "healthz", lambda client: client.set(self.prefix + "healthz", "ok", px=60_000))
-        try:
-            for client in self.target.primaries():
-                client.ping()
-        except Failure as exc:
-            raise _translate(exc) from exc
+        self._checked(lambda: [client.ping() for client in self.target.primaries()])
 
     def warnings(self) -> list[str]:
         """Redis settings that would break Tally's promises, where Redis lets us read them.
