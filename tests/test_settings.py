@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from conftest import ROOT, ServerFactory, free_port, unavailable
+from conftest import ROOT, ServerFactory, free_port, tmpfs
 from tally import create_app
 from tally.config import ConfigError, check_settings
 
@@ -266,20 +266,13 @@ def test_no_secret_is_generated_or_needed(tmp_path: Path) -> None:
 @pytest.fixture
 def read_only_instance(tmp_path: Path) -> Iterator[Path]:
     """An instance folder on a read-only mount (root is not stopped by mode bits), holding a config.py."""
-    if os.geteuid() != 0:
-        unavailable("a read-only mount needs root")
-    folder = tmp_path / "instance"
-    folder.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", str(folder)], check=True)
-    try:
+    with tmpfs(tmp_path / "instance", "size=64k,mode=0755") as folder:
         (folder / "config.py").write_text("PERMANENT_SESSION_LIFETIME = 3600\n")
         subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
         with pytest.raises(OSError) as refused:
             (folder / "secret_key").write_text("x")
         assert refused.value.errno == errno.EROFS
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 def test_the_app_starts_and_serves_on_a_read_only_instance_folder(read_only_instance: Path, tmp_path: Path) -> None:
