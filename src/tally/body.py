@@ -23,9 +23,11 @@ def read_whole() -> None:
     escape as 500s.  Reading the few KiB up front settles all three in one place.
     """
     environ = request.environ
+    if "HTTP_TRANSFER_ENCODING" not in environ and environ.get("CONTENT_LENGTH", "0") in ("", "0"):
+        return  # no body: the usual GET pays nothing
     length = request.content_length  # None when chunked
     if not length and "HTTP_TRANSFER_ENCODING" not in environ:
-        return  # no body: the usual GET pays nothing
+        return
     limit = request.max_content_length
     if length is not None and limit is not None and length > limit:
         raise _too_large(limit)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from functools import wraps
 from typing import ParamSpec, TypeVar
 
-from flask import current_app, session
+from flask import current_app, request, session
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import BadRequest
 
@@ -41,6 +41,16 @@ def parse_step(values: MultiDict[str, str]) -> int:
     if not INT64_MIN <= step <= INT64_MAX:
         raise BadRequest("'by' must fit in a signed 64-bit integer")
     return step
+
+
+def requested_step() -> int:
+    """Return this request's ``by`` (default 1), or raise a 400 that says why."""
+    environ = request.environ
+    # Most requests give no ``by``: with no query string and no body there is
+    # nothing to parse, and building request.values would cost more than the rest of the view.
+    if not environ.get("QUERY_STRING") and environ.get("CONTENT_LENGTH", "0") in ("", "0"):
+        return 1
+    return parse_step(request.values)
 
 
 P = ParamSpec("P")

@@ -65,10 +65,14 @@ def _children(route: str, method: str, status: int) -> tuple[Any, Any]:
 
 
 def _observe(response: Response) -> Response:
+    # The request itself, not the proxy, which would resolve it on every look.
+    req = request._get_current_object()  # type: ignore[attr-defined]
     # The rule, not the path: paths are unbounded, and would be labels.
-    route = request.url_rule.rule if request.url_rule else "unmatched"
-    method = request.method if request.method in _METHODS else "other"
-    requests, latency = _children(route, method, response.status_code)
+    rule = req.url_rule
+    method = req.method
+    requests, latency = _children(
+        rule.rule if rule else "unmatched", method if method in _METHODS else "other", response.status_code
+    )
     requests.inc()
     started = g.get("tally_started")
     if started is not None:

@@ -31,7 +31,7 @@ def negotiate() -> Kind:
     header get plain text, while a browser, which asks for text/html by name
     and for everything else at q<=0.9, gets HTML.
     """
-    return _kind_for(request.headers.get("Accept", ""))
+    return _kind_for(request.environ.get("HTTP_ACCEPT", ""))
 
 
 @lru_cache(maxsize=256)

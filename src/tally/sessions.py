@@ -20,12 +20,14 @@ client never chooses its session id).
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask import Flask, Request, Response
 from flask_session.base import ServerSideSession, ServerSideSessionInterface
+from werkzeug.http import dump_cookie, parse_cookie
 
 from .store import Record, Store
 
@@ -118,10 +120,14 @@ class TallySessionInterface(ServerSideSessionInterface):
         self.before_create: Callable[[], None] = lambda: None
         #: Called when a new session is first stored.
         self.on_created: Callable[[], None] = lambda: None
+        #: (second, cookie settings, the header before the id, the header after it): see _cookie.
+        self._cookie_parts: tuple[int, tuple[Any, ...], str, str] | None = None
 
     def open_session(self, app: Flask, request: Request) -> TallySession:
         """Take the client's session id, to be loaded when first needed."""
-        sid = request.cookies.get(self.get_cookie_name(app), "")
+        # Straight from the environ: request.cookies builds the header map and an
+        # immutable multi-dict of every cookie, to read one.
+        sid = parse_cookie(request.environ).get(self.get_cookie_name(app), "")
         if _SID.fullmatch(sid):
             store_id = self._get_store_id(sid)
             return TallySession(sid, lambda: self.store.load(store_id))
@@ -170,17 +176,29 @@ class TallySessionInterface(ServerSideSessionInterface):
             self._upsert_session(app.permanent_session_lifetime, session, self._get_store_id(session.sid))
         # Vary: Cookie is on every answer already (security.add_headers).
         if session.stored:
-            response.set_cookie(
-                self.get_cookie_name(app),
-                session.sid,
-                # Always permanent: reading session.permanent would load the session.
-                expires=datetime.now(UTC) + app.permanent_session_lifetime,
-                httponly=self.get_cookie_httponly(app),
-                domain=self.get_cookie_domain(app),
-                path=self.get_cookie_path(app),
-                secure=self.get_cookie_secure(app),
-                samesite=self.get_cookie_samesite(app),
-            )
+            response.headers.add("Set-Cookie", self._cookie(app, session.sid))
+
+    def _cookie(self, app: Flask, sid: str) -> str:
+        """The Set-Cookie header for ``sid``, always permanent (reading session.permanent would load it)."""
+        # werkzeug's dump_cookie cost a tenth of a request, and all it makes
+        # but the id is the same for a whole second: the expiry is in whole
+        # seconds.  So it is called once a second, with an empty value, and the
+        # id goes in after the name (an id is URL-safe, which needs no quoting).
+        now = int(time.time())
+        settings = (
+            self.get_cookie_name(app), app.permanent_session_lifetime, self.get_cookie_domain(app),
+            self.get_cookie_path(app), self.get_cookie_secure(app), self.get_cookie_httponly(app),
+            self.get_cookie_samesite(app),
+        )  # fmt: skip
+        cached = self._cookie_parts
+        if cached is None or cached[0] != now or cached[1] != settings:
+            name, lifetime, domain, path, secure, httponly, samesite = settings
+            expires = datetime.fromtimestamp(now, UTC) + lifetime
+            header = dump_cookie(name, "", expires=expires, path=path, domain=domain, secure=secure,
+                                 httponly=httponly, samesite=samesite)  # fmt: skip
+            split = header.index("=") + 1
+            cached = self._cookie_parts = (now, settings, header[:split], header[split:])
+        return cached[2] + sid + cached[3]
 
     def _upsert_session(self, session_lifetime: timedelta, session: ServerSideSession, store_id: str) -> None:
         assert isinstance(session, TallySession)

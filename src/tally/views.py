@@ -39,14 +39,14 @@ def reset() -> Response:
 @bp.route("/inc", methods=ANY)
 def inc() -> Response:
     """Add ``by`` (default 1) to this client's counter."""
-    step = counter.parse_step(request.values)
+    step = counter.requested_step()
     return render.counter_value(counter.add(step) if may_change() else counter.read(), changed=True)
 
 
 @bp.route("/dec", methods=ANY)
 def dec() -> Response:
     """Subtract ``by`` (default 1) from this client's counter."""
-    step = counter.parse_step(request.values)
+    step = counter.requested_step()
     return render.counter_value(counter.add(-step) if may_change() else counter.read(), changed=True)
 
 

@@ -65,9 +65,13 @@ def hashed_id(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+#: Made once: json.dumps with options builds an encoder on every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def encode_record(record: Record) -> bytes:
     """Serialize a record: compact JSON, never pickle."""
-    return json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
+    return _ENCODER.encode(record).encode()
 
 
 def decode_record(raw: bytes) -> Record:

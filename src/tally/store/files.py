@@ -108,29 +108,34 @@ def _pack(record: Record, expires: float, seq: int) -> bytes:
     return _HEADER.pack(_MAGIC, expires, seq, len(payload), crc) + payload
 
 
-def _unpack_slot(raw: bytes) -> _Slot | None:
-    if len(raw) < _HEADER.size:
+def _check_slot(raw: bytes, offset: int) -> tuple[int, float, bytes] | None:
+    """Return (seq, expires, payload) of the slot at ``offset`` if its header and CRC hold."""
+    if len(raw) < offset + _HEADER.size:
         return None
-    magic, expires, seq, length, crc = _HEADER.unpack_from(raw)
-    payload = raw[_HEADER.size : _HEADER.size + length]
+    magic, expires, seq, length, crc = _HEADER.unpack_from(raw, offset)
+    start = offset + _HEADER.size
+    payload = raw[start : start + length]
     if magic != _MAGIC or length > MAX_PAYLOAD or len(payload) != length:
         return None
-    if zlib.crc32(payload, zlib.crc32(struct.pack("<dQ", expires, seq))) != crc:
+    # The CRC covers expires and seq (the header's bytes 4 to 20), then the payload.
+    if zlib.crc32(payload, zlib.crc32(raw[offset + 4 : offset + 20])) != crc:
         return None
-    try:
-        return _Slot(expires, seq, decode_record(payload))
-    except CorruptRecord:
-        return None
+    return seq, expires, payload
 
 
 def _newest(raw: bytes) -> _Slot | None:
     """Return the newest valid slot; raise CorruptRecord for foreign bytes."""
     if not raw:
         return None
-    slots = [s for s in (_unpack_slot(raw[:SLOT_SIZE]), _unpack_slot(raw[SLOT_SIZE:])) if s]
-    if not slots:
-        raise CorruptRecord("no valid slot")
-    return max(slots, key=lambda s: s.seq)
+    checked = [s for s in (_check_slot(raw, 0), _check_slot(raw, SLOT_SIZE)) if s]
+    # Newest first, and only its JSON is parsed: the older slot is the fallback
+    # for a torn write, which its CRC has already caught.
+    for seq, expires, payload in sorted(checked, reverse=True):
+        try:
+            return _Slot(expires, seq, decode_record(payload))
+        except CorruptRecord:
+            continue
+    raise CorruptRecord("no valid slot")
 
 
 def _live(slot: _Slot | None, now: float) -> bool:
