@@ -168,6 +168,38 @@ def _translate(exc: Exception) -> Exception:
 _BOOKKEEPING = frozenset({b"_v", b"_w"})
 
 
+def _send(client: redis.Redis, *commands: tuple[Any, ...]) -> list[Any]:
+    """Send ``commands`` down one of the client's pooled connections in one write, and read their replies.
+
+    An error reply comes back in the list as its exception, as a pipeline's
+    ``execute(raise_on_error=False)`` gives it.  This is what a pipeline does,
+    through the pool's public API (``get_connection``, ``pack_commands``,
+    ``send_packed_command``, ``read_response``, ``release``), without the
+    per-command bookkeeping of ``execute_command`` (retry wrappers that do not
+    retry here, response callbacks that EVALSHA has none of, observability
+    records), which cost more CPU than the round trip itself.
+    """
+    pool = client.connection_pool
+    connection = pool.get_connection()
+    try:
+        packed = connection.pack_commands(commands)  # type: ignore[no-untyped-call]
+        connection.send_packed_command(packed)  # type: ignore[no-untyped-call]
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(connection.read_response())
+            except rx.ResponseError as exc:
+                replies.append(exc)
+        return replies
+    except BaseException:
+        # Timed out or cut off mid-reply: its replies may still arrive, so it
+        # must not serve another request (redis-py disconnects it too).
+        connection.disconnect()  # type: ignore[no-untyped-call]
+        raise
+    finally:
+        pool.release(connection)
+
+
 def _decode(fields: dict[bytes, bytes]) -> Record:
     try:
         return {k.decode(): json.loads(v) for k, v in fields.items() if k not in _BOOKKEEPING}
@@ -279,25 +311,24 @@ class RedisStore(Store):
         def run(client: redis.Redis) -> Any:
             for _ in (1, 2):
                 argv = [self._deadline(client), *args]  # anew after a reload: the first try took time
+                command = ("EVALSHA", script.sha, len(keys), *keys, *argv)
+                waits = write and self.replicas
                 try:
-                    if not (write and self.replicas):
-                        return client.evalsha(script.sha, len(keys), *keys, *argv)
-                    pipe = client.pipeline(transaction=False)
-                    pipe.evalsha(script.sha, len(keys), *keys, *argv)
-                    pipe.wait(self.replicas, self._wait_ms)
-                    result, acknowledged = pipe.execute(raise_on_error=False)
-                except rx.NoScriptError:
-                    client.script_load(script.text)  # a restarted, flushed or newly promoted primary
-                    continue
+                    if not waits:
+                        (result,) = _send(client, command)
+                    else:
+                        result, acknowledged = _send(client, command, ("WAIT", self.replicas, self._wait_ms))
                 except (rx.ConnectionError, rx.TimeoutError) as exc:
                     if not write:
                         raise
                     raise StorageError("unavailable", f"Redis did not answer; {_MAYBE}", 503) from exc
                 if isinstance(result, rx.NoScriptError):
-                    client.script_load(script.text)
+                    client.script_load(script.text)  # a restarted, flushed or newly promoted primary
                     continue
                 if isinstance(result, Exception):
                     raise result
+                if not waits:
+                    return result
                 if isinstance(acknowledged, Exception) or acknowledged < self.replicas:
                     raise StorageError(
                         "not_replicated", f"fewer than {self.replicas} Redis replicas confirmed the write; {_MAYBE}"
