@@ -28,6 +28,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, TypeVar
 
 import redis
@@ -45,7 +46,7 @@ T = TypeVar("T")
 class _Script:
     text: str
 
-    @property
+    @cached_property
     def sha(self) -> str:
         return hashlib.sha1(self.text.encode()).hexdigest()
 
