@@ -1,13 +1,14 @@
 # make run: serve on http://127.0.0.1:5000 (PORT=8000 make run for another port)
 # make test: install the test extras and run the whole suite
 # make demo: the question's global counter, stock Flask-Session and Tally under the same load, in one table
+# make mutants: mutation testing of the store, session, counter and security code (docs/mutants.md)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: run test demo lint format bench clean
+.PHONY: run test demo lint format bench clean mutants
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,10 @@ $(VENV)/.installed-test: $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet --editable '.[test]'
 	touch $@
 
+$(VENV)/.installed-mutants: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install --quiet --editable '.[mutants]'
+	touch $@
+
 run: $(VENV)/.installed-run
 	$(BIN)/gunicorn --config gunicorn.conf.py --bind $(HOST):$(PORT) run:app
 
@@ -37,6 +42,13 @@ demo: $(VENV)/.installed-run
 # Needs wrk and redis-server (apt-get install -y wrk redis-server). BENCH_ARGS="--scale ''" skips the 1M-session run.
 bench: $(VENV)/.installed-bench
 	$(BIN)/python bench/harness.py $(BENCH_ARGS)
+
+# A fresh run each time: mutmut would otherwise keep verdicts that changed tests may have changed.
+# src/ is never touched: mutmut mutates a copy in mutants/, which tools/mutation/ hands to gunicorn.
+mutants: $(VENV)/.installed-mutants
+	rm -rf mutants
+	PYTHONPATH=$(CURDIR)/tools/mutation $(BIN)/mutmut run --max-children $(or $(MUTANT_CHILDREN),2)
+	$(BIN)/mutmut results
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -23,7 +23,7 @@ from pytest_redis.executor.process import RedisExecutor
 from conftest import Server, ServerFactory, burst_across, counter_of, free_port, json_of, need_redis
 from tally import create_app
 from tally.store import StorageError
-from tally.store.redis import RedisStore
+from tally.store.redis import MAX_ATTEMPTS, RedisStore
 
 T = TypeVar("T")
 
@@ -535,3 +535,26 @@ def test_stats_judge_ages_by_each_write_not_by_the_callers_lifetime(
     output = cron.test_cli_runner().invoke(args=["sessions", "stats"]).output
     assert "sessions: 1\n" in output
     assert "oldest: written 0s ago" in output or "oldest: written 1s ago" in output, output
+
+
+def test_a_change_that_always_meets_a_concurrent_write_gives_up_with_a_503_and_writes_nothing(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # The compare-and-set on the version, seen from the losing side: every
+    # attempt is beaten by another writer, so none may land, and the retries end.
+    store, other = RedisStore(redis_url, prefix=redis_prefix), RedisStore(redis_url, prefix=redis_prefix)
+    store.add("session:k", "counter", 1, 60)
+    attempts = 0
+
+    def beaten(record: dict[str, object]) -> dict[str, object]:
+        nonlocal attempts
+        attempts += 1
+        other.add("session:k", "counter", 1, 60)  # another instance's increment lands first
+        return record | {"theme": "dark"}
+
+    with pytest.raises(StorageError) as refused:
+        store.update("session:k", beaten, 60)
+    assert (refused.value.kind, refused.value.status) == ("contention", 503)
+    assert refused.value.message == "too many concurrent updates of one session"
+    assert attempts == MAX_ATTEMPTS
+    assert store.load("session:k") == {"counter": 1 + MAX_ATTEMPTS}, "every increment kept, no theme written"

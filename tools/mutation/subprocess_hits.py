@@ -1,0 +1,79 @@
+"""A pytest plugin for ``make mutants``: which tests run against each mutant.
+
+While mutmut records which functions each test calls, the processes a test
+starts (gunicorn and its workers) write their calls to files (see
+``sitecustomize.py`` here).  Before mutmut files a test's calls, this adds the
+lines written since the previous test, so that a test that reaches a
+function only through gunicorn is run against that function's mutants.
+
+Then, when the recording ends, each function keeps the fastest of its tests
+up to :data:`BUDGET` seconds, and any of :data:`GUARANTEES` that reach it.
+Nearly every test goes through the session and store code, and mutmut runs
+every test it has for a function against each mutant that survives: without
+a budget, each surviving mutant of a hot function would cost minutes.
+mutmut runs the fastest first and stops at the first failure, so the budget
+only cuts the slow tail of a function's tests.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from mutmut.mutation.trampoline import get_mutant_under_test
+from mutmut.state import state
+
+#: Seconds of a function's fastest tests that run against each of its mutants.
+BUDGET = 3.0
+#: Slower tests that run against every mutant they reach, because they alone
+#: check a guarantee that only real processes, real threads or a stalled
+#: server can break.
+GUARANTEES = {
+    # flock across gunicorn workers: no increment of one cookie is lost.
+    "tests/test_concurrency.py::test_concurrent_increments_with_one_cookie_are_all_counted",
+    # Reads never write: a slow read cannot undo a concurrent increment.
+    "tests/test_concurrency.py::test_reads_during_increments_never_undo_them",
+    # The Redis deadline: a write that a stalled Redis runs late does nothing.
+    "tests/test_redis.py::test_a_hung_redis_gets_503_in_bounded_time_and_counts_resume_exactly",
+}
+
+#: How far each hit file has been read, so that every test gets only its own lines.
+_read_up_to: dict[Path, int] = {}
+
+
+def _new_hits(folder: Path) -> set[str]:
+    names: set[str] = set()
+    for path in sorted(folder.glob("*.txt")):
+        with path.open("rb") as f:
+            f.seek(_read_up_to.get(path, 0))
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]  # a line being written is read next time
+        _read_up_to[path] = _read_up_to.get(path, 0) + len(complete)
+        names.update(complete.decode().split())
+    return names
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Add the subprocesses' calls to the test's own, before mutmut files them under the test."""
+    folder = os.environ.get("TALLY_MUTANTS_HITS")
+    if folder and get_mutant_under_test() == "stats" and Path(folder).is_dir():
+        state()._stats.update(_new_hits(Path(folder)))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Trim each function's tests to the budget, keeping the guarantees' tests."""
+    if get_mutant_under_test() != "stats":
+        return
+    durations = state().duration_by_test
+    for tests in state().tests_by_mangled_function_name.values():
+        kept: set[str] = set()
+        spent = 0.0
+        for test in sorted(tests - GUARANTEES, key=lambda t: durations.get(t, 0.0)):
+            spent += durations.get(test, 0.0)
+            if spent > BUDGET and kept:
+                break
+            kept.add(test)
+        tests.intersection_update(kept | GUARANTEES)
