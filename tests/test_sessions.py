@@ -196,11 +196,6 @@ def test_keys_a_view_sets_are_merged_without_undoing_a_concurrent_increment(
     assert newcomer.get("/keys").json == {"note": "kept until /prefs removes it"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sessions.py: a session loaded and found absent is marked new but keeps the client's id, "
-    "and _write then creates it under that id (found by make mutants, docs/mutants.md)",
-)
 def test_a_view_that_loads_then_writes_never_adopts_a_made_up_id(app: Flask) -> None:
     @app.post("/note")
     def note() -> str:

@@ -57,6 +57,8 @@ class TallySession(ServerSideSession):
         self.stored = False
         #: True when the id is ours, not yet stored; False while it is the cookie's.
         self.new = loader is None
+        #: True once a load found nothing stored under the cookie's id.
+        self.unknown = False
         self._loader = loader
 
     def _ensure_loaded(self) -> None:
@@ -65,7 +67,9 @@ class TallySession(ServerSideSession):
             return
         record = loader()
         if record is None:
-            self.new = True  # the caller renews the id before storing anything
+            # The cookie's id is not stored (unknown or expired): never adopt it.
+            # The interface gives the session a fresh id before it stores anything.
+            self.unknown = True
             return
         dict.update(self, record)
         self.loaded = dict(self)
@@ -74,6 +78,7 @@ class TallySession(ServerSideSession):
         """Drop the cookie's unknown id for a fresh one of ours."""
         self.sid = sid
         self.new = True
+        self.unknown = False
         self._loader = None
 
     def known(self, record: Record) -> None:
@@ -138,6 +143,8 @@ class TallySessionInterface(ServerSideSessionInterface):
 
         With ``create=False`` there is no fresh one: None when nothing is stored.
         """
+        if session.unknown:
+            session.renew(self._generate_sid(self.sid_length))
         if not session.new:
             result = write(self._get_store_id(session.sid), False)
             if result is not None or not create:
