@@ -44,10 +44,10 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python bench/harness.py $(BENCH_ARGS)
 
 # A fresh run each time: mutmut would otherwise keep verdicts that changed tests may have changed.
-# src/ is never touched: mutmut mutates a copy in mutants/, which tools/mutation/ hands to gunicorn.
+# src/ is never touched: mutmut mutates a copy in mutants/, which tests/mutation/ hands to gunicorn.
 mutants: $(VENV)/.installed-mutants
 	rm -rf mutants
-	PYTHONPATH=$(CURDIR)/tools/mutation $(BIN)/mutmut run --max-children $(or $(MUTANT_CHILDREN),2)
+	PYTHONPATH=$(CURDIR)/tests/mutation $(BIN)/mutmut run --max-children $(or $(MUTANT_CHILDREN),2)
 	$(BIN)/mutmut results
 
 lint: $(VENV)/.installed-test

@@ -55,7 +55,7 @@ def _record_hits_to_file() -> None:
 
     # mutmut 3.8's trampoline calls this name, bound in its own module; a
     # version without it must fail loudly here, not leave the mutants untested.
-    assert hasattr(trampoline, "record_trampoline_hit"), "mutmut changed: see tools/mutation/sitecustomize.py"
+    assert hasattr(trampoline, "record_trampoline_hit"), "mutmut changed: see tests/mutation/sitecustomize.py"
     trampoline.record_trampoline_hit = record
 
 
