@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES: list[tuple[str, str, str]] = [
     ("routing", "flask.app:Flask", "create_url_adapter"),
     ("routing", "flask.ctx:RequestContext", "match_request"),
-    ("request checks (body, cross-site)", "tally.security", "check_request"),
+    ("request checks (body, cross-site)", "tally.body", "read_whole"),
+    ("request checks (body, cross-site)", "tally.security", "refuse_cross_site"),
     ("session open", "tally.sessions:TallySessionInterface", "open_session"),
     ("store", "tally.store.files:FileStore", "update"),
     ("store", "tally.store.files:FileStore", "load"),
@@ -44,6 +45,7 @@ STAGES: list[tuple[str, str, str]] = [
     ("rendering", "tally.render", "counter_value"),
     ("view, without store and rendering", "flask.app:Flask", "dispatch_request"),
     ("cookie", "tally.sessions:TallySessionInterface", "_cookie"),
+    ("cookie", "werkzeug.sansio.response:Response", "set_cookie"),  # what versions before 9dbcf5a called
     ("session save, without cookie", "tally.sessions:TallySessionInterface", "save_session"),
     ("metrics", "tally.metrics", "_started"),
     ("metrics", "tally.metrics", "_observe"),
