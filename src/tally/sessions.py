@@ -40,7 +40,10 @@ Loader = Callable[[], Record | None]
 
 def lifetime_seconds(app: Flask) -> int:
     """Return the app's session lifetime in whole seconds, as the stores take it."""
-    return int(app.permanent_session_lifetime.total_seconds())
+    # From the config itself: app.permanent_session_lifetime converts it anew
+    # on every read, and this runs on every write.  Flask takes seconds or a timedelta.
+    lifetime = app.config["PERMANENT_SESSION_LIFETIME"]
+    return int(lifetime.total_seconds() if isinstance(lifetime, timedelta) else lifetime)
 
 
 class TallySession(ServerSideSession):
