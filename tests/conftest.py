@@ -203,13 +203,17 @@ WORKER_CLASSES = ("sync", "gthread", "gevent")
 def serve(tmp_path: Path) -> Iterator[ServerFactory]:
     """Start gunicorn servers: ``serve(workers=4, threads=4, worker_class="gthread", **TALLY_settings)``.
 
+    ``app`` is gunicorn's app argument: ``run:app`` unless a test serves its own module from tests/.
+
     ``threads`` counts only for ``gthread``.  A ``sync`` worker gets ``--threads 1``, as
     gunicorn.conf.py asks for threads and gunicorn quietly turns ``sync`` with more than
     one thread into ``gthread``; a ``gevent`` worker takes up to 200 connections at once.
     """
     started: list[Server] = []
 
-    def start(workers: int = 4, threads: int = 4, worker_class: str = "gthread", **settings: str) -> Server:
+    def start(
+        workers: int = 4, threads: int = 4, worker_class: str = "gthread", app: str = "run:app", **settings: str
+    ) -> Server:
         if worker_class not in WORKER_CLASSES:
             raise ValueError(f"unknown worker class {worker_class!r}")
         port = free_port()
@@ -228,7 +232,9 @@ def serve(tmp_path: Path) -> Iterator[ServerFactory]:
         command += ["--threads", str(threads if worker_class == "gthread" else 1)]
         if worker_class == "gevent":
             command += ["--worker-connections", "200"]
-        command += ["--bind", f"127.0.0.1:{port}", "--timeout", "60", "run:app"]
+        if app != "run:app":  # a test's own app module (quiet_spell_app:app), imported from tests/
+            command += ["--pythonpath", str(ROOT / "tests")]
+        command += ["--bind", f"127.0.0.1:{port}", "--timeout", "60", app]
         with log.open("wb") as out:
             proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         server = Server(f"http://127.0.0.1:{port}", proc, log, Path(env["TALLY_SESSION_DIR"]))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -53,14 +55,20 @@ def test_a_write_cut_off_halfway_leaves_the_previous_value(
     assert client.get("/inc").text == "counter is 3"
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty-json"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty-json", "long"])
 def test_a_corrupt_file_is_quarantined_and_the_client_starts_afresh(
     app: Flask, client: FlaskClient, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     client.get("/inc?by=5")
     path = only_session_file(app)
     raw = path.read_bytes()
-    bad = {"garbage": b"\x80\x04\x95 not a session at all", "truncated": raw[:30], "empty-json": b"{}"}[damage]
+    bad = {
+        "garbage": b"\x80\x04\x95 not a session at all",
+        "truncated": raw[:30],
+        "empty-json": b"{}",
+        # Longer than both slots: all of it is kept, not what a slot would hold.
+        "long": bytes(range(256)) * 20,
+    }[damage]
     path.write_bytes(bad)
     with caplog.at_level(logging.WARNING):
         assert client.get("/counter").text == "counter is 0"
@@ -84,6 +92,17 @@ def test_a_session_expires_on_the_server(tmp_path: Path) -> None:
     assert client.get("/counter").text == "counter is 0"
     assert client.get("/inc").text == "counter is 1"
     assert client.get_cookie("session").value != cookie, "an expired id is never reused"  # type: ignore[union-attr]
+
+
+def test_an_expired_record_is_never_written_on(tmp_path: Path) -> None:
+    # Requests never meet this (an expired id is replaced before a write), so the store's
+    # contract is checked on the store: an expired record is absent, not a starting point.
+    store = files.FileStore(str(tmp_path / "s"))
+    store.add("session:k", "counter", 9, 1)
+    time.sleep(1.1)
+    assert store.load("session:k") is None
+    assert store.add("session:k", "counter", 1, 60, create=False) is None, "only if it exists"
+    assert store.add("session:k", "counter", 1, 60) == 1, "from nothing, not from 9"
 
 
 def test_every_write_extends_a_sessions_life(tmp_path: Path) -> None:
@@ -178,19 +197,26 @@ def test_the_fsync_setting_fsyncs_each_write(
     app = create_app({"SESSION_DIR": str(tmp_path / "s"), "SECRET_KEY": "k"}, instance_path=str(tmp_path))
     client = app.test_client()
     client.get("/inc")
-    synced: list[int] = []
+    synced: list[tuple[int, bytes]] = []
     real_fsync = os.fsync
 
     def counted_fsync(fd: int) -> None:
-        synced.append(fd)
+        # Which file is synced, and what it holds then.
+        synced.append((os.fstat(fd).st_ino, os.pread(fd, 2 * SLOT_SIZE, 0)))
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", counted_fsync)
     for _ in range(5):
         client.get("/inc")
     client.get("/global/inc")
-    assert len(synced) == 6 * fsyncs, "one fsync per write, of the file written"
+    assert len(synced) == 6 * fsyncs, "one fsync per write"
     assert client.get("/counter").text == "counter is 6"
+    if fsyncs:
+        files_written = [only_session_file(app)] * 5 + [Path(app.config["SESSION_DIR"]) / "global"]
+        assert [inode for inode, _ in synced] == [path.stat().st_ino for path in files_written], "of the file written"
+        for n, (_, held) in enumerate(synced[:5], start=2):
+            assert b'"counter":%d' % n in held, "after the write, not before it"
+        assert b'"value":1' in synced[5][1]
 
 
 def test_prune_keeps_a_session_written_between_its_read_and_its_removal(
@@ -217,3 +243,49 @@ def test_prune_keeps_a_session_written_between_its_read_and_its_removal(
     report = store.prune(lifetime=1)
     assert (report.removed, report.kept) == (3, 3)
     assert [store.load(key) for key in keys] == [{"counter": 7}, None] * 3
+
+
+def test_prune_judges_each_candidate_again_once_it_holds_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The race at its narrowest: the write lands after every check prune could make
+    # without the file's lock, just before prune opens the file to take it.  Only a
+    # judgement made under the lock sees it.  Prune opens a file without O_CREAT; the
+    # writes here open with it, which tells them apart.
+    store = files.FileStore(str(tmp_path / "s"))
+    keys = [f"session:{n:043d}" for n in range(6)]
+    for key in keys:
+        store.add(key, "counter", 1, 1)
+    time.sleep(1.1)  # all expired
+    pending = {store.cache.path_for(key) for key in keys[::2]}
+    real_open = os.open
+
+    def write_just_before_the_lock(path: str, flags: int, mode: int = 0o777, **kwargs: Any) -> int:
+        if not flags & os.O_CREAT and path in pending:
+            pending.discard(path)
+            store.cache.update_path(path, lambda record: {"counter": 7}, 60)
+        return real_open(path, flags, mode, **kwargs)
+
+    monkeypatch.setattr(os, "open", write_just_before_the_lock)
+    report = store.prune(lifetime=1)
+    monkeypatch.undo()
+    assert not pending, "every write was made during the prune"
+    assert (report.removed, report.kept) == (3, 3)
+    assert [store.load(key) for key in keys] == [{"counter": 7}, None] * 3
+
+
+def test_a_slot_that_holds_a_pickle_is_never_unpickled(
+    app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A well-formed newest slot, checksum and all, whose payload is a pickle: the bytes a
+    # pickling store would write.  JSON is the only format read, so the slot counts as
+    # torn, and the previous one stands.
+    client.get("/inc")
+    path = only_session_file(app)
+    monkeypatch.setattr(files, "encode_record", lambda record: pickle.dumps(record, protocol=2))
+    store = app.session_interface.store  # type: ignore[attr-defined]
+    store.cache.update_path(str(path), lambda record: {"counter": 7}, 60)
+    monkeypatch.undo()
+    assert pickle.dumps({"counter": 7}, protocol=2) in path.read_bytes()
+    assert client.get("/counter").text == "counter is 1"
+    assert client.get("/inc").text == "counter is 2"

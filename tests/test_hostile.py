@@ -134,6 +134,7 @@ FOREIGN = [
     {"Sec-Fetch-Site": "cross-site"},
     {"Origin": "https://tally.example.evil"},
     {"Origin": "http://tally.example"},  # another scheme
+    {"Origin": "http://tally.example:443"},  # another scheme alone: the same host and port
     {"Origin": "https://tally.example:8443"},  # another port
     {"Origin": "https://evil.example"},
     {"Origin": "null"},
@@ -284,3 +285,24 @@ def test_behind_a_proxy_the_origin_check_uses_the_forwarded_scheme_and_host(tmp_
     for origin in ("http://tally.example", "https://tally.example:8443", "https://tally.example.evil"):
         response = proxied.test_client().post("/inc", headers={**forwarded, "Origin": origin})
         assert response.status_code == 403, origin
+
+
+def test_behind_two_proxies_scheme_host_and_address_are_each_taken_two_hops_back(tmp_path: Path) -> None:
+    # client -> TLS proxy (tally.example) -> internal proxy -> Tally.  Each proxy appends
+    # what it saw, after whatever the client sent itself.  With TALLY_PROXY_COUNT=2 the
+    # scheme, host and client address are each the second value from the right.
+    app = create_app(
+        {"SECRET_KEY": "k", "PROXY_COUNT": 2, "METRICS_ALLOW": ["203.0.113.9/32"]}, instance_path=str(tmp_path)
+    )
+    forwarded = {
+        "X-Forwarded-Proto": "http, https, http",
+        "X-Forwarded-Host": "spoofed.example, tally.example, tls-proxy.internal:8080",
+        "X-Forwarded-For": "198.51.100.1, 203.0.113.9, 10.0.0.2",
+    }
+    client = app.test_client()
+    assert client.post("/inc", headers={**forwarded, "Origin": "https://tally.example"}).text == "counter is 1"
+    for origin in ("http://tls-proxy.internal:8080", "https://spoofed.example", "http://tally.example"):
+        assert client.post("/inc", headers={**forwarded, "Origin": origin}).status_code == 403, origin
+    assert client.get("/metrics", headers=forwarded).status_code == 200, "the client's address is 203.0.113.9"
+    spoofed = {**forwarded, "X-Forwarded-For": "203.0.113.9, 198.51.100.1, 10.0.0.2"}
+    assert client.get("/metrics", headers=spoofed).status_code == 403, "what the client wrote itself is not trusted"

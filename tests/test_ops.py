@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import subprocess
@@ -195,6 +196,37 @@ def test_a_storage_fault_is_logged_when_it_starts_and_when_it_clears(
     assert len(lines) == 2, lines
     assert lines[0].startswith("storage fault (unavailable):") and "until it clears" in lines[0]
     assert lines[1].startswith("storage fault (unavailable) cleared: 5 operations failed")
+
+
+def test_under_gunicorn_a_storage_fault_is_logged_when_it_starts_and_when_it_clears(
+    serve: ServerFactory, own_redis: RedisExecutor
+) -> None:
+    # A real fault on a real worker, read from gunicorn's log: Redis stopped, then resumed.
+    # quiet_spell_app shortens the minute of quiet after which a fault clears to 2 s.
+    server = serve(
+        workers=1, threads=4, app="quiet_spell_app:app",
+        redis_url=f"redis://127.0.0.1:{own_redis.port}/0", redis_timeout="0.5",
+    )  # fmt: skip
+    cookie = server.new_client()
+
+    def fault_lines() -> list[str]:
+        return [line for line in server.log.read_text().splitlines() if "storage fault" in line]
+
+    pid = own_redis.process.pid  # type: ignore[union-attr]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(3):
+            assert server.get("/inc", cookie).status_code == 503
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert server.get("/inc", cookie).status_code == 200
+    [started] = fault_lines()  # a success within the quiet spell clears nothing
+    assert "[WARNING] tally.faults: storage fault (unavailable): " in started and "until it clears" in started
+    time.sleep(2.5)
+    assert server.get("/inc", cookie).text == "counter is 3"
+    assert fault_lines()[0] == started
+    [cleared] = fault_lines()[1:]
+    assert re.search(r"tally.faults: storage fault \(unavailable\) cleared: 3 operations failed over \d+ s", cleared)
 
 
 def test_metrics_networks_hold_under_gunicorn_behind_a_proxy(serve: ServerFactory) -> None:

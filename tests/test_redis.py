@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import secrets
 import signal
 import threading
@@ -64,6 +65,10 @@ def test_sessions_live_in_redis_with_the_session_lifetime_as_ttl(
     assert direct.hgetall(key) == before[0] and direct.pttl(key) <= before[1], "a read neither writes nor refreshes"
     client.get("/inc")
     assert direct.pttl(key) > before[1], "a write refreshes the TTL"
+    time.sleep(0.6)
+    refreshed = direct.pttl(key)
+    assert client.post("/reset").text == "counter was reset"
+    assert refreshed < direct.pttl(key) <= 2000, "a reset (a compare-and-set, not an increment) sets it too"
     time.sleep(2.1)
     assert not direct.exists(key)
     assert client.get("/counter").text == "counter is 0"
@@ -75,10 +80,12 @@ def test_sessions_live_in_redis_with_the_session_lifetime_as_ttl(
     [
         (lambda r, key: r.set(key, b"\x80\x04\x95garbage that pickle would love"), True),
         (lambda r, key: r.hset(key, "counter", b"\xff\xfe not json"), True),
+        # What Flask-Session's own Redis backend would unpickle: never read as 7.
+        (lambda r, key: r.hset(key, "counter", pickle.dumps(7)), True),
         # Valid JSON but not an integer: read as 0, and the next increment repairs it.
         (lambda r, key: r.hset(key, "counter", b'"seven"'), False),
     ],
-    ids=["not-a-hash", "not-json", "not-an-integer"],
+    ids=["not-a-hash", "not-json", "pickled", "not-an-integer"],
 )
 def test_corrupt_data_in_redis_never_gives_a_5xx(
     redis_app: Flask,
@@ -434,12 +441,19 @@ def test_concurrent_changes_of_other_keys_and_increments_are_all_kept(redis_url:
     assert store.load("session:k") == {"counter": 201, "x": 200}
 
 
-def test_an_id_redis_does_not_hold_is_never_adopted(redis_app: Flask, redis_url: str, redis_prefix: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "answer"),
+    # An increment (one script) and a reset (a compare-and-set) each check on their own path.
+    [("GET", "/inc", "counter is 1"), ("POST", "/reset", "counter was reset")],
+)
+def test_an_id_redis_does_not_hold_is_never_adopted(
+    redis_app: Flask, redis_url: str, redis_prefix: str, method: str, path: str, answer: str
+) -> None:
     chosen = secrets.token_urlsafe(32)
     client = redis_app.test_client()
     client.set_cookie("session", chosen)
-    response = client.get("/inc")
-    assert response.text == "counter is 1"
+    response = client.open(path, method=method)
+    assert response.text == answer
     given = _cookie(client)
     assert given != chosen, "the client gets a fresh id of ours"
     direct = redis.Redis.from_url(redis_url)
