@@ -1,5 +1,5 @@
 # make run: serve on http://127.0.0.1:5000 (PORT=8000 make run for another port)
-# make test: install the test extras and run the whole suite
+# make test: install the test extras, run the whole suite and report its branch coverage (gunicorn workers included)
 # make demo: the question's global counter, stock Flask-Session and Tally under the same load, in one table
 # make mutants: mutation testing of the store, session, counter and security code (docs/mutants.md)
 PYTHON ?= python3
@@ -32,8 +32,13 @@ $(VENV)/.installed-mutants: $(BIN)/python setup.cfg pyproject.toml
 run: $(VENV)/.installed-run
 	$(BIN)/gunicorn --config gunicorn.conf.py --bind $(HOST):$(PORT) run:app
 
+# Coverage follows every Python process the tests start (pyproject.toml [tool.coverage.run]); each
+# writes its own data file, and combine merges them.  .ci/run then checks the total against a floor.
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/coverage erase
+	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
+	$(BIN)/coverage combine --quiet
+	$(BIN)/coverage report
 
 # Needs only what make run installs: gunicorn on loopback ports, sessions on files.
 demo: $(VENV)/.installed-run
@@ -60,4 +65,4 @@ format: $(VENV)/.installed-test
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache .coverage .coverage.* htmlcov
