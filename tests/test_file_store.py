@@ -66,8 +66,8 @@ def test_a_corrupt_file_is_quarantined_and_the_client_starts_afresh(
         "garbage": b"\x80\x04\x95 not a session at all",
         "truncated": raw[:30],
         "empty-json": b"{}",
-        # Longer than both slots: all of it is kept, not what a slot would hold.
-        "long": bytes(range(256)) * 20,
+        # Longer than both slots, and than any one read: all of it is kept.
+        "long": bytes(range(256)) * 400,
     }[damage]
     path.write_bytes(bad)
     with caplog.at_level(logging.WARNING):

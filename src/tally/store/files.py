@@ -206,7 +206,8 @@ class RecordFileCache(FileSystemCache):
 
     def _quarantine(self, path: str, fd: int) -> None:
         """Move a corrupt file's bytes aside and unlink it; we hold its lock."""
-        raw = os.pread(fd, 1 << 16, 0)
+        # All of it, however long: the quarantined bytes must be the original's.
+        raw = os.pread(fd, os.fstat(fd).st_size, 0)
         folder = os.path.join(self._path, QUARANTINE_DIR)
         os.makedirs(folder, mode=0o700, exist_ok=True)
         target = os.path.join(folder, f"{os.path.basename(path)}.{time.time_ns()}")
