@@ -145,6 +145,21 @@ def test_the_exact_bodies_and_headers_a_script_relies_on(client: FlaskClient) ->
     assert as_json.get_data() == b'{"counter":2}\n' and as_json.headers["Content-Type"] == "application/json"
     error = client.get("/inc?by=x", headers={"Accept": "application/json"})
     assert error.get_data().startswith(b'{"error":"') and error.get_data().endswith(b'"}\n')
-    for response in (text, as_json, error):
+    health = client.get("/healthz")
+    assert health.get_data() == b'{"status":"ok","store":"files"}\n'
+    for response in (text, as_json, error, health):
         assert response.headers["Cache-Control"] == "no-store"
         assert response.headers["Vary"] == "Cookie, Accept"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Referrer-Policy"] == "same-origin"
+
+
+@pytest.mark.parametrize(("by", "counted"), [("-3", -3), ("%2B3", 3), ("+3", None)])
+def test_by_takes_an_optional_sign(client: FlaskClient, by: str, counted: int | None) -> None:
+    # A query string reads "+" as a space, so a plus sign must be sent as %2B.
+    response = client.get(f"/inc?by={by}")
+    if counted is None:
+        assert response.status_code == 400 and "whole number" in response.text
+        assert client.get("/counter").text == "counter is 0"
+    else:
+        assert response.text == f"counter is {counted}"
