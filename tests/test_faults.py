@@ -55,6 +55,17 @@ def test_a_full_disk_is_a_507_that_claims_nothing_and_clears_by_itself(
     assert existing.get("/counter").text == "counter is 3"
 
 
+def test_an_unusable_folder_is_a_503_with_retry_after_5(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")  # the folder would be inside a file: every write fails
+    app = create_app({"SESSION_DIR": str(tmp_path / "file" / "sessions")}, instance_path=str(tmp_path / "instance"))
+    client = app.test_client()
+    for path in ("/inc", "/global/inc", "/healthz"):
+        response = client.get(path, headers={"Accept": "application/json"})
+        assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+        assert "Set-Cookie" not in response.headers and "counter" not in response.text
+    assert client.get("/counter").text == "counter is 0"
+
+
 def test_a_read_only_filesystem_is_a_503_and_reads_still_work(disk_app: Flask, small_disk: Path) -> None:
     client = disk_app.test_client()
     client.get("/inc?by=4")

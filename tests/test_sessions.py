@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import stat
 import time
+from http.cookies import SimpleCookie
 from pathlib import Path
 
 import pytest
 import redis
 from flask import Flask, jsonify, session
 from flask.testing import FlaskClient
+from werkzeug.http import parse_date
 from werkzeug.wrappers import Response
 
 from conftest import CHROMIUM
@@ -40,6 +42,16 @@ def test_the_cookie_is_httponly_lax_and_expires(client: FlaskClient) -> None:
     assert cookie.http_only and cookie.same_site == "Lax" and not cookie.secure
     assert cookie.expires is not None
     assert len(cookie.value) == 43
+
+
+def test_each_write_renews_the_cookie_and_a_read_sends_none(client: FlaskClient) -> None:
+    first = client.get("/inc").headers["Set-Cookie"]
+    assert "Set-Cookie" not in client.get("/counter").headers
+    time.sleep(1.1)  # the cookie's expiry is in whole seconds
+    second = client.get("/inc").headers["Set-Cookie"]
+    assert first.split(";")[0] == second.split(";")[0], "the same session"
+    expires = [parse_date(SimpleCookie(header)["session"]["expires"]) for header in (first, second)]
+    assert expires[0] is not None and expires[1] is not None and expires[1] > expires[0]
 
 
 def test_secure_cookie_is_configurable(tmp_path: Path) -> None:
