@@ -55,6 +55,22 @@ def test_a_full_disk_is_a_507_that_claims_nothing_and_clears_by_itself(
     assert existing.get("/counter").text == "counter is 3"
 
 
+def test_a_full_disk_is_a_507_for_new_addresses_too_with_the_per_address_limit_on(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    # The limit keeps its counts on the same disk; writing one there fails first.
+    app = create_app(
+        {"SESSION_DIR": str(small_disk / "sessions"), "SECRET_KEY": "k", "NEW_SESSIONS_PER_MINUTE": 1000},
+        instance_path=str(tmp_path),
+    )
+    assert app.test_client().get("/inc").status_code == 200
+    fill(small_disk)
+    for n in range(5):
+        response = app.test_client().get("/inc", environ_base={"REMOTE_ADDR": f"192.0.2.{n + 10}"})
+        assert response.status_code == 507, response.text
+        assert "disk is full" in response.text and "Set-Cookie" not in response.headers
+
+
 def test_an_unusable_folder_is_a_503_with_retry_after_5(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")  # the folder would be inside a file: every write fails
     app = create_app({"SESSION_DIR": str(tmp_path / "file" / "sessions")}, instance_path=str(tmp_path / "instance"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,34 @@ def test_behind_a_proxy_each_real_client_address_has_its_own_quota(serve: Server
     first = [_fresh(server, **{"X-Forwarded-For": "203.0.113.1"}).status_code for _ in range(7)]
     assert first == [200] * 5 + [429] * 2
     assert _fresh(server, **{"X-Forwarded-For": "203.0.113.2"}).status_code == 200, "another client"
+
+
+def test_an_ipv6_client_is_counted_by_its_64_not_by_each_address(serve: ServerFactory) -> None:
+    # One client usually holds a whole /64 and may take any address in it.
+    server = serve(workers=2, threads=2, new_sessions_per_minute="4", proxy_count="1")
+    same = [_fresh(server, **{"X-Forwarded-For": f"2001:db8:1:2::{n:x}"}).status_code for n in range(1, 7)]
+    assert same == [200] * 4 + [429] * 2, "six addresses of one /64 share one quota"
+    assert _fresh(server, **{"X-Forwarded-For": "2001:db8:1:3::1"}).status_code == 200, "another /64"
+    assert _fresh(server, **{"X-Forwarded-For": "::ffff:203.0.113.7"}).status_code == 200, "IPv4, mapped"
+
+
+def test_prune_removes_the_per_address_counts_whose_minute_has_passed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app({"SECRET_KEY": "k", "NEW_SESSIONS_PER_MINUTE": 5}, instance_path=str(tmp_path))
+    for n in range(3):
+        assert app.test_client().get("/inc", environ_base={"REMOTE_ADDR": f"192.0.2.{n}"}).status_code == 200
+    counts = tmp_path / "sessions" / "quotas"
+    assert len(_session_files(counts)) == 3, "a count per address"
+    runner = app.test_cli_runner()
+    result = runner.invoke(args=["sessions", "prune"])
+    assert "removed 0 expired per-address counts of new sessions, kept 3" in result.output
+    later = time.time() + 120  # every window has passed; the sessions live for 31 days
+    monkeypatch.setattr(time, "time", lambda: later)
+    result = runner.invoke(args=["sessions", "prune"])
+    assert "removed 0 expired sessions, kept 3" in result.output
+    assert "removed 3 expired per-address counts of new sessions, kept 0" in result.output
+    assert _session_files(counts) == []
 
 
 def test_the_store_cap_refuses_new_sessions_with_507_and_keeps_the_old_counting(tmp_path: Path) -> None:

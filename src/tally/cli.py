@@ -8,6 +8,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup
 
+from . import quota
 from .counter import store
 from .sessions import lifetime_seconds
 from .store import PruneReport
@@ -37,6 +38,9 @@ def prune() -> None:
         f"removed {report.removed} expired sessions, kept {report.kept}, "
         f"freed {_size(report.bytes_freed)} ({report.bytes_freed} bytes) in {time.monotonic() - began:.1f}s"
     )
+    swept = quota.sweep(current_app)
+    if swept is not None:
+        click.echo(f"removed {swept[0]} expired per-address counts of new sessions, kept {swept[1]}")
 
 
 @sessions.command()

@@ -14,6 +14,7 @@ for the file store, files beside the sessions (see :class:`FileQuotaStorage`).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import threading
 import time
@@ -94,6 +95,39 @@ class FileQuotaStorage(Storage):
     def clear(self, key: str) -> None:
         self.cache.delete_path(self._path(key))
 
+    def sweep(self) -> tuple[int, int]:
+        """Remove the counts whose window has passed; return how many were removed and kept.
+
+        Each address that ever made a session leaves a file here, and Redis
+        would expire it but a folder does not: ``flask sessions prune`` sweeps it.
+        """
+        removed = kept = 0
+        for entry in self.cache.session_files():
+            if self.cache.prune_file(entry.path) is None:
+                kept += 1
+            else:
+                removed += 1
+        return removed, kept
+
+
+def client_key(address: str | None) -> str:
+    """The key a client's new sessions are counted under: its address, or its IPv6 /64.
+
+    One IPv6 client usually holds a whole /64 and may pick any address in it,
+    so counted by address it would have no limit at all.
+    """
+    if not address:
+        return "unknown"
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address  # not an address (a unix socket's peer): counted as given
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped:  # ::ffff:192.0.2.1, an IPv4 client on a dual-stack socket
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
+
 
 class Quota:
     """The checks made before a new session is stored."""
@@ -110,12 +144,15 @@ class Quota:
     def before_create(self) -> None:
         """Raise 429 past this address's rate, or a 507 StorageError at the store's cap."""
         if self.limiter and self.item:
-            address = request.remote_addr or "unknown"
+            address = client_key(request.remote_addr)
             try:
                 allowed = self.limiter.hit(self.item, "new-sessions", address)
                 if not allowed:
                     reset = self.limiter.get_window_stats(self.item, "new-sessions", address).reset_time
             except LimitsStorageError as exc:
+                if isinstance(exc.storage_error, StorageError):
+                    # Our own file storage: its fault is the session disk's (full is a 507), not the quota's.
+                    raise exc.storage_error from exc
                 raise StorageError("unavailable", "the session quota could not be checked", 503) from exc
             if not allowed:
                 wait = max(1, int(reset - time.time() + 0.999))
@@ -184,6 +221,16 @@ def init_app(app: Flask) -> None:
         created()
 
     interface.on_created = on_created
+
+
+def sweep(app: Flask) -> tuple[int, int] | None:
+    """Remove the file store's expired per-address counts; None where there are none to sweep."""
+    if app.config.get("REDIS_URL") or app.config.get("RATELIMIT_STORAGE_URI"):
+        return None  # Redis expires them itself
+    folder = os.path.join(app.config["SESSION_DIR"], QUOTA_DIR)
+    if not os.path.isdir(folder):
+        return None
+    return FileQuotaStorage(folder).sweep()
 
 
 def quota() -> Quota:
