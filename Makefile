@@ -44,7 +44,8 @@ test: $(VENV)/.installed-test
 demo: $(VENV)/.installed-run
 	$(BIN)/python bench/demo.py
 
-# Needs wrk and redis-server (apt-get install -y wrk redis-server). BENCH_ARGS="--scale ''" skips the 1M-session run.
+# Needs wrk and redis-server (apt-get install -y wrk redis-server). Sync, gthread and gevent workers, about
+# 11 minutes; BENCH_ARGS="--only scale" runs the 1M-session runs alone (docs/benchmarks.md).
 bench: $(VENV)/.installed-bench
 	$(BIN)/python bench/harness.py $(BENCH_ARGS)
 
