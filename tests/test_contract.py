@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
 
 from conftest import CHROMIUM, CURL, REQUESTS, json_of
@@ -163,3 +164,13 @@ def test_by_takes_an_optional_sign(client: FlaskClient, by: str, counted: int | 
         assert client.get("/counter").text == "counter is 0"
     else:
         assert response.text == f"counter is {counted}"
+
+
+def test_a_bad_step_says_what_is_wrong_and_every_good_one_counts(app: Flask) -> None:
+    client = app.test_client()
+    assert client.get("/inc?by=1&by=2").text == "give 'by' at most once"
+    assert client.get("/inc?by=x").text == "'by' must be a whole number, such as by=5 or by=-3"
+    assert client.get("/inc?by=9223372036854775808").text == "'by' must fit in a signed 64-bit integer"
+    assert client.get("/inc?ref=newsletter").text == "counter is 1", "a query without 'by' is a step of 1"
+    lowest = app.test_client()
+    assert lowest.get("/inc?by=-9223372036854775808").text == "counter is -9223372036854775808"

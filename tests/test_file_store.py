@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
+import stat
 import threading
 import time
 from pathlib import Path
@@ -289,3 +291,92 @@ def test_a_slot_that_holds_a_pickle_is_never_unpickled(
     assert pickle.dumps({"counter": 7}, protocol=2) in path.read_bytes()
     assert client.get("/counter").text == "counter is 1"
     assert client.get("/inc").text == "counter is 2"
+
+
+def test_stats_count_each_live_session_its_blocks_and_the_oldest_write(
+    app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = Path(app.config["SESSION_DIR"])
+
+    def sessions() -> set[Path]:
+        return {p for p in folder.iterdir() if len(p.name) == 64}
+
+    empty = app.test_cli_runner().invoke(args=["sessions", "stats"]).output
+    assert "sessions: 0\n" in empty and "bytes: 0 (0 B)" in empty and "oldest: none" in empty, empty
+    for _ in range(3):
+        assert app.test_client().get("/inc").text == "counter is 1"
+    live = sessions()
+    now = time.time()
+    for path, age in zip(sorted(live), (100, 300, 200), strict=True):
+        os.utime(path, (now - age, now - age))  # every write moves the mtime: written `age` s ago
+    assert app.test_client().get("/inc").text == "counter is 1"
+    [vanishing] = sessions() - live  # a prune removes it while stats reads it
+    store = app.session_interface.store  # type: ignore[attr-defined]
+    with monkeypatch.context() as past:
+        past.setattr(time, "time", lambda: now - 3600)
+        store.add("session:" + "e" * 43, "counter", 1, 60)  # written an hour ago, to live a minute
+    [expired] = sessions() - live - {vanishing}
+    corrupt = folder / ("0" * 64)
+    corrupt.write_bytes(b"not a session")
+    # The folder's order is the filesystem's choice: the ones not to count come first
+    # here, and the oldest live session is not the last.
+    listed = store.cache.session_files
+    rank = [vanishing, corrupt, expired, *sorted(live)]
+    in_rank = sorted(listed(), key=lambda entry: rank.index(Path(entry.path)))
+    monkeypatch.setattr(store.cache, "session_files", lambda: iter(in_rank))
+    read_slot = store.cache.read_slot
+
+    def read_then_vanish(path: str) -> object:
+        slot = read_slot(path)
+        if path == str(vanishing):
+            os.unlink(path)
+        return slot
+
+    monkeypatch.setattr(store.cache, "read_slot", read_then_vanish)
+    output = app.test_cli_runner().invoke(args=["sessions", "stats"]).output
+    size = sum(path.stat().st_blocks * 512 for path in live)
+    assert "sessions: 3\n" in output and f"bytes: {size} (" in output, output
+    oldest = re.search(r"oldest: written (\d+)s ago", output)
+    assert oldest and 300 <= int(oldest.group(1)) <= 302, output
+
+
+def test_migrate_on_files_moves_nothing(app: Flask) -> None:
+    # Only Redis ever had an earlier layout; the command still answers on files.
+    assert app.test_client().get("/inc").text == "counter is 1"
+    result = app.test_cli_runner().invoke(args=["sessions", "migrate"])
+    assert result.exit_code == 0 and "moved 0 sessions" in result.output
+
+
+def test_the_global_counter_never_expires(client: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert client.get("/global/inc").text == "global counter is 1"
+    a_year_on = time.time() + 365 * 24 * 3600
+    monkeypatch.setattr(time, "time", lambda: a_year_on)
+    assert client.get("/global").text == "global counter is 1"
+    assert client.get("/global/inc").text == "global counter is 2"
+
+
+def test_each_corrupt_file_is_quarantined_into_a_private_folder(app: Flask) -> None:
+    folder = Path(app.config["SESSION_DIR"])
+    clients = [app.test_client() for _ in range(2)]
+    for client in clients:
+        assert client.get("/inc?by=5").text == "counter is 5"
+    for path in (p for p in folder.iterdir() if len(p.name) == 64):
+        path.write_bytes(b"not a session")
+    for client in clients:  # one after the other, into the same folder
+        assert client.get("/inc").text == "counter is 1"
+    quarantine = folder / files.QUARANTINE_DIR
+    assert stat.S_IMODE(quarantine.stat().st_mode) == 0o700
+    held = list(quarantine.iterdir())
+    assert len(held) == 2 and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in held)
+
+
+def test_prune_quarantines_a_corrupt_file_and_keeps_the_live_ones(app: Flask) -> None:
+    folder = Path(app.config["SESSION_DIR"])
+    for _ in range(2):
+        assert app.test_client().get("/inc").text == "counter is 1"
+    corrupt = folder / ("0" * 64)
+    corrupt.write_bytes(b"not a session")
+    result = app.test_cli_runner().invoke(args=["sessions", "prune"])
+    assert "removed 1 expired sessions, kept 2" in result.output, result.output
+    assert not corrupt.exists()
+    assert [p.read_bytes() for p in (folder / files.QUARANTINE_DIR).iterdir()] == [b"not a session"]

@@ -139,6 +139,7 @@ FOREIGN = [
     {"Origin": "https://evil.example"},
     {"Origin": "null"},
     {"Origin": "https://tally.example/inc"},  # no origin at all
+    {"Origin": "https://tally.example?by=1"},  # nor this
 ]
 #: What scripts and same-site browsers send: they keep working.
 OWN = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -58,6 +59,23 @@ def test_healthz_reports_a_full_disk(small_disk: Path, tmp_path: Path) -> None:
             pass
     response = client.get("/healthz")
     assert response.status_code == 503 and json_of(response)["kind"] == "disk_full"
+
+
+def test_healthz_probes_never_read_as_corrupt_and_an_unreadable_disk_is_a_503(
+    client: FlaskClient, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = Path(client.application.config["SESSION_DIR"])
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):  # each one writes the probe over the last
+            assert client.get("/healthz").status_code == 200
+    assert "corrupt" not in caplog.text and not (folder / files.QUARANTINE_DIR).exists()
+
+    def unreadable(path: str) -> os.statvfs_result:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "statvfs", unreadable)
+    response = client.get("/healthz")
+    assert response.status_code == 503 and json_of(response)["kind"] == "io_error"
 
 
 def test_healthz_reports_an_unreachable_redis(tmp_path: Path) -> None:

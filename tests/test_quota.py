@@ -90,6 +90,23 @@ def test_the_store_cap_refuses_new_sessions_with_507_and_keeps_the_old_counting(
     assert len(_session_files(Path(app.config["SESSION_DIR"]))) == 5
 
 
+@pytest.mark.parametrize("store", ["files", "redis"])
+def test_the_store_cap_counts_the_sessions_stored_before_the_app_started(
+    tmp_path: Path, store: str, request: pytest.FixtureRequest
+) -> None:
+    # A restart, or a second instance on the same store: the sessions already there count.
+    settings: dict[str, object] = {"SECRET_KEY": "k", "MAX_SESSIONS": 5, "SESSION_DIR": str(tmp_path / "s")}
+    if store == "redis":
+        settings["REDIS_URL"] = request.getfixturevalue("redis_url")
+        settings["REDIS_PREFIX"] = request.getfixturevalue("redis_prefix")
+    before = create_app(settings, instance_path=str(tmp_path / "a"))
+    for _ in range(3):
+        assert before.test_client().get("/inc").text == "counter is 1"
+    assert before.test_client().get("/global/inc").status_code == 200  # not a session: not counted
+    after = create_app(settings, instance_path=str(tmp_path / "b"))
+    assert [after.test_client().get("/inc").status_code for _ in range(3)] == [200, 200, 507]
+
+
 def test_with_the_limit_off_nothing_is_refused(tmp_path: Path) -> None:
     app = create_app({"SECRET_KEY": "k", "NEW_SESSIONS_PER_MINUTE": 0}, instance_path=str(tmp_path))
     assert {app.test_client().get("/inc").status_code for _ in range(400)} == {200}

@@ -16,7 +16,7 @@ from werkzeug.http import parse_date
 from werkzeug.wrappers import Response
 
 from conftest import CHROMIUM
-from tally import create_app
+from tally import counter, create_app
 from tally.store.files import RecordFileCache
 
 
@@ -220,3 +220,82 @@ def test_a_view_that_loads_then_writes_never_adopts_a_made_up_id(app: Flask) -> 
     assert client.post("/note").text == "noted"
     given = client.get_cookie("session")
     assert given is not None and given.value != chosen, "the client gets a fresh id of ours"
+
+
+def _app_on(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Flask:
+    """An app on files or on the suite's Redis, with a view that shows the whole session."""
+    settings: dict[str, object] = {"SECRET_KEY": "k", "SESSION_DIR": str(tmp_path / "sessions")}
+    if backend == "redis":
+        settings["REDIS_URL"] = request.getfixturevalue("redis_url")
+        settings["REDIS_PREFIX"] = request.getfixturevalue("redis_prefix")
+    app = create_app(settings, instance_path=str(tmp_path / "instance"))
+
+    @app.get("/keys")
+    def keys() -> Response:
+        return jsonify(dict(session))
+
+    return app
+
+
+def _stored_sessions(app: Flask) -> int:
+    if app.config.get("REDIS_URL"):
+        direct = redis.Redis.from_url(app.config["REDIS_URL"])
+        found = len(direct.keys(app.config["REDIS_PREFIX"] + "session:*"))
+        direct.close()
+        return found
+    return len(session_files(app))
+
+
+@pytest.mark.parametrize("backend", ["files", "redis"])
+def test_a_view_that_counts_then_sets_keys_under_a_made_up_id_makes_one_fresh_session(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    # Two writes in one request (the count, then the merge of the keys set) go to
+    # one fresh id: the first write replaces the unknown id, the second finds it
+    # stored.  The values round-trip as JSON, nested ones included.
+    app = _app_on(backend, tmp_path, request)
+    prefs = {"theme": "dark", "sizes": [1, 2], "seen": {"help": True}}
+
+    @app.post("/count-and-note")
+    def count_and_note() -> Response:
+        value = counter.add(1)
+        session["prefs"] = prefs
+        return jsonify(value=value, session=dict(session))
+
+    chosen = "x" * 43
+    client = app.test_client()
+    client.set_cookie("session", chosen)
+    response = client.post("/count-and-note")
+    assert response.json == {"value": 1, "session": {"counter": 1, "prefs": prefs}}
+    given = client.get_cookie("session")
+    assert given is not None and given.value != chosen, "the client gets a fresh id of ours"
+    assert client.get("/keys").json == {"counter": 1, "prefs": prefs}
+    assert _stored_sessions(app) == 1, "one session, not one per write"
+
+
+@pytest.mark.parametrize("backend", ["files", "redis"])
+def test_a_session_removed_while_a_view_runs_is_never_stored_again_under_its_id(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    # It expired, or was removed, between the view's load and its write: the id is
+    # no longer one the store holds, so the view's change goes to a fresh one.
+    app = _app_on(backend, tmp_path, request)
+    store = app.session_interface.store  # type: ignore[attr-defined]
+
+    @app.post("/note")
+    def note() -> str:
+        assert session["counter"] == 1, "loaded while still stored"
+        store.delete("session:" + session.sid)  # type: ignore[attr-defined]
+        session["note"] = "set after the removal"
+        return "noted"
+
+    client = app.test_client()
+    assert client.get("/inc").text == "counter is 1"
+    cookie = client.get_cookie("session")
+    assert cookie is not None
+    assert client.post("/note").text == "noted"
+    given = client.get_cookie("session")
+    assert given is not None and given.value != cookie.value, "a fresh id, not the removed one"
+    assert store.load("session:" + cookie.value) is None
+    assert client.get("/keys").json == {"note": "set after the removal"}
+    assert _stored_sessions(app) == 1
