@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TypeVar
 
 import pytest
@@ -662,12 +663,15 @@ def test_a_redis_that_refuses_writes_for_want_of_replicas_is_a_503_and_healthz_s
     admin.close()
 
 
-def test_maintenance_on_an_unreachable_redis_is_a_storage_error(tmp_path: Path) -> None:
+def test_reads_and_maintenance_on_an_unreachable_redis_are_a_storage_error_at_once(tmp_path: Path) -> None:
+    # Refused at once, and not tried again: redis-py's retries are off for every command.
     store = RedisStore(f"redis://127.0.0.1:{_closed_port()}/0", timeout=0.5)
-    for operation in (store.migrate, store.count, lambda: store.stats(60), store.check):
+    for operation in (store.read_global, store.migrate, store.count, lambda: store.stats(60), store.check):
+        began = time.monotonic()
         with pytest.raises(StorageError) as caught:
             operation()
         assert (caught.value.kind, caught.value.status) == ("unavailable", 503)
+        assert time.monotonic() - began < 0.5
 
 
 def test_migrate_leaves_a_key_it_cannot_read_as_a_session_alone(
@@ -763,8 +767,8 @@ def test_writes_made_while_the_clock_is_measured_again_all_apply(
     assert store.load("session:k") == {"counter": 400}
 
 
-def test_sentinel_hosts_are_read_with_their_port_or_the_default() -> None:
-    from tally.store.redis_connect import connect
+def test_sentinel_and_cluster_hosts_are_read_with_their_port_or_the_default() -> None:
+    from tally.store.redis_connect import ClusterTarget, connect
 
     target = connect("redis+sentinel://sentinel-a:26380, sentinel-b ,[::2],[::1]:26381/mymaster", 1.0)
     sentinels = target.client_for("k").connection_pool.sentinel_manager.sentinels  # type: ignore[attr-defined]
@@ -772,6 +776,10 @@ def test_sentinel_hosts_are_read_with_their_port_or_the_default() -> None:
         (s.connection_pool.connection_kwargs["host"], s.connection_pool.connection_kwargs["port"]) for s in sentinels
     ]
     assert hosts == [("sentinel-a", 26380), ("sentinel-b", 26379), ("::2", 26379), ("::1", 26381)]
+    cluster = connect("redis+cluster://node-a:7000,node-b", 1.0)
+    assert isinstance(cluster, ClusterTarget)
+    assert [(node.host, node.port) for node in cluster._nodes] == [("node-a", 7000), ("node-b", 6379)]
+    assert not connect("unix:///run/redis/redis.sock", 1.0).cluster
 
 
 @pytest.mark.xfail(
@@ -798,3 +806,17 @@ def test_a_counter_the_slow_path_repairs_keeps_the_session_lifetime(
     assert client.get("/inc").text == "counter is 1"
     assert 1000 < direct.pttl(key) <= 2000
     direct.close()
+
+
+def test_the_deadline_is_half_the_timeout_ahead_in_redis_clock_however_long_the_machine_is_up(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The deadline is kept in our monotonic clock plus a measured offset: after
+    # 116 days up, it must still be half the timeout ahead of Redis's own clock.
+    real = time.monotonic
+    monkeypatch.setattr(redis_store, "time", SimpleNamespace(monotonic=lambda: real() + 10_000_000))
+    store = RedisStore(redis_url, timeout=1.0)
+    client = store.target.client_for("k")
+    seconds, micros = client.time()
+    ahead = store._deadline(client) - (seconds * 1_000_000 + micros)
+    assert 400_000 < ahead <= 510_000, f"{ahead} µs ahead on a 1 s timeout"
