@@ -405,6 +405,7 @@ def test_a_password_in_the_url_is_used(tmp_path: Path, own_redis: RedisExecutor)
         ("redis+mongo://h:1/x", "starts with"),
         ("redis+sentinel://127.0.0.1:26379", "/SERVICE"),
         ("redis+sentinel://127.0.0.1:26379/svc/db", "/SERVICE"),
+        ("redis+sentinel://127.0.0.1:26379/svc/0/more", "/SERVICE"),
         ("redis+sentinel://127.0.0.1:x/svc", "host:port"),
         ("redis+cluster://127.0.0.1:7000/0", "no path"),
     ],
@@ -776,9 +777,17 @@ def test_sentinel_and_cluster_hosts_are_read_with_their_port_or_the_default() ->
         (s.connection_pool.connection_kwargs["host"], s.connection_pool.connection_kwargs["port"]) for s in sentinels
     ]
     assert hosts == [("sentinel-a", 26380), ("sentinel-b", 26379), ("::2", 26379), ("::1", 26381)]
+    # Every connection times out, and never sends a command twice: one server's, a
+    # Sentinel primary's, and the sentinels' own.
+    single = connect("redis://127.0.0.1:6379/0", 1.0).client_for("k").connection_pool.connection_kwargs
+    primary = target.client_for("k").connection_pool.connection_kwargs
+    for kwargs in (single, primary, sentinels[0].connection_pool.connection_kwargs):
+        assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 1.0
+        assert kwargs["retry"].get_retries() == 0
     cluster = connect("redis+cluster://node-a:7000,node-b", 1.0)
     assert isinstance(cluster, ClusterTarget)
     assert [(node.host, node.port) for node in cluster._nodes] == [("node-a", 7000), ("node-b", 6379)]
+    assert cluster._kwargs["socket_timeout"] == cluster._kwargs["socket_connect_timeout"] == 1.0
     assert not connect("unix:///run/redis/redis.sock", 1.0).cluster
 
 
