@@ -380,3 +380,13 @@ def test_prune_quarantines_a_corrupt_file_and_keeps_the_live_ones(app: Flask) ->
     assert "removed 1 expired sessions, kept 2" in result.output, result.output
     assert not corrupt.exists()
     assert [p.read_bytes() for p in (folder / files.QUARANTINE_DIR).iterdir()] == [b"not a session"]
+
+
+def test_a_record_of_exactly_a_slots_size_is_kept_and_one_byte_more_is_refused(tmp_path: Path) -> None:
+    store = files.FileStore(str(tmp_path / "s"))
+    room = files.MAX_PAYLOAD - len('{"note":""}')
+    assert store.update("session:k", lambda record: {"note": "x" * room}, 60) == {"note": "x" * room}
+    assert store.load("session:k") == {"note": "x" * room}
+    with pytest.raises(ValueError, match=f"limited to {files.MAX_PAYLOAD} bytes"):
+        store.update("session:k", lambda record: {"note": "x" * (room + 1)}, 60)
+    assert store.load("session:k") == {"note": "x" * room}, "nothing written"
