@@ -165,7 +165,9 @@ def connect(url: str, timeout: float) -> Target:
     segments = [s for s in parts.path.split("/") if s]
     # redis-py parses the credentials, TLS and query arguments, as for one server.
     userinfo = parts.netloc.rpartition("@")[0]
-    single = f"{base}://{userinfo + '@' if userinfo else ''}{nodes[0][0]}:{nodes[0][1]}?{parts.query}"
+    first, port = nodes[0]
+    first = f"[{first}]" if ":" in first else first  # an IPv6 address, bracketed again for redis-py's parser
+    single = f"{base}://{userinfo + '@' if userinfo else ''}{first}:{port}?{parts.query}"
     options = {k: v for k, v in parse_url(single).items() if k not in ("host", "port", "db")}  # type: ignore[no-untyped-call]
     if options.pop("connection_class", None) is SSLConnection:
         options["ssl"] = True
