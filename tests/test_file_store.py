@@ -221,17 +221,23 @@ def test_the_fsync_setting_fsyncs_each_write(
         assert b'"value":1' in synced[5][1]
 
 
+def _six_expired_sessions(tmp_path: Path) -> tuple[files.FileStore, list[str]]:
+    """A file store holding six sessions, each written once with a 1 s lifetime that has passed."""
+    store = files.FileStore(str(tmp_path / "s"))
+    keys = [f"session:{n:043d}" for n in range(6)]
+    for key in keys:
+        store.add(key, "counter", 1, 1)
+    time.sleep(1.1)
+    return store, keys
+
+
 def test_prune_keeps_a_session_written_between_its_read_and_its_removal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The race, made to happen: prune reads a file as expired, and before it
     # takes the file's lock a request that had read the session as live just
     # before its expiry writes it.  Judged again under the lock, it is kept.
-    store = files.FileStore(str(tmp_path / "s"))
-    keys = [f"session:{n:043d}" for n in range(6)]
-    for key in keys:
-        store.add(key, "counter", 1, 1)
-    time.sleep(1.1)  # all expired
+    store, keys = _six_expired_sessions(tmp_path)
     written = keys[::2]
     real_prune_file = store.cache.prune_file
 
@@ -254,11 +260,7 @@ def test_prune_judges_each_candidate_again_once_it_holds_the_lock(
     # without the file's lock, just before prune opens the file to take it.  Only a
     # judgement made under the lock sees it.  Prune opens a file without O_CREAT; the
     # writes here open with it, which tells them apart.
-    store = files.FileStore(str(tmp_path / "s"))
-    keys = [f"session:{n:043d}" for n in range(6)]
-    for key in keys:
-        store.add(key, "counter", 1, 1)
-    time.sleep(1.1)  # all expired
+    store, keys = _six_expired_sessions(tmp_path)
     pending = {store.cache.path_for(key) for key in keys[::2]}
     real_open = os.open
 
