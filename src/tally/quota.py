@@ -186,23 +186,31 @@ def _sync(storage: object) -> Storage:
     return storage
 
 
+def _folder(app: Flask) -> str | None:
+    """The folder of the per-address counts, where they are kept in files (no Redis, no other storage)."""
+    if app.config.get("RATELIMIT_STORAGE_URI") or app.config.get("REDIS_URL"):
+        return None
+    return os.path.join(app.config["SESSION_DIR"], QUOTA_DIR)
+
+
 def _storage(app: Flask) -> Storage:
+    folder = _folder(app)
+    if folder:
+        return FileQuotaStorage(folder)
     uri = app.config.get("RATELIMIT_STORAGE_URI")
     if uri:
         return _sync(storage_from_string(uri, wrap_exceptions=True))
-    redis_url = app.config.get("REDIS_URL")
-    if redis_url:
-        # The sessions' own Redis, in the same URL form, which limits reads too;
-        # with the same timeouts and no retries, so a hung Redis fails fast here too.
-        from .store.redis_connect import no_retries  # here: the file store needs no Redis client
+    redis_url = str(app.config["REDIS_URL"])  # _folder found one, or the counts would be in files
+    # The sessions' own Redis, in the same URL form, which limits reads too;
+    # with the same timeouts and no retries, so a hung Redis fails fast here too.
+    from .store.redis_connect import no_retries  # here: the file store needs no Redis client
 
-        timeout = float(app.config["REDIS_TIMEOUT"])
-        options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": no_retries()}
-        if "+sentinel" in redis_url.partition("://")[0]:
-            options["sentinel_kwargs"] = dict(options)
-        prefix = app.config["REDIS_PREFIX"] + "quota"
-        return _sync(storage_from_string(redis_url, wrap_exceptions=True, key_prefix=prefix, **options))
-    return FileQuotaStorage(os.path.join(app.config["SESSION_DIR"], QUOTA_DIR))
+    timeout = float(app.config["REDIS_TIMEOUT"])
+    options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": no_retries()}
+    if "+sentinel" in redis_url.partition("://")[0]:
+        options["sentinel_kwargs"] = dict(options)
+    prefix = app.config["REDIS_PREFIX"] + "quota"
+    return _sync(storage_from_string(redis_url, wrap_exceptions=True, key_prefix=prefix, **options))
 
 
 def init_app(app: Flask) -> None:
@@ -225,10 +233,8 @@ def init_app(app: Flask) -> None:
 
 def sweep(app: Flask) -> tuple[int, int] | None:
     """Remove the file store's expired per-address counts; None where there are none to sweep."""
-    if app.config.get("REDIS_URL") or app.config.get("RATELIMIT_STORAGE_URI"):
-        return None  # Redis expires them itself
-    folder = os.path.join(app.config["SESSION_DIR"], QUOTA_DIR)
-    if not os.path.isdir(folder):
+    folder = _folder(app)  # None: another storage, which expires them itself
+    if folder is None or not os.path.isdir(folder):
         return None
     return FileQuotaStorage(folder).sweep()
 
