@@ -141,20 +141,15 @@ class TallySessionInterface(ServerSideSessionInterface):
             return TallySession(sid, lambda: self.store.load(store_id))
         return TallySession(self._generate_sid(self.sid_length))
 
-    def _write(self, session: TallySession, write: Callable[[str, bool], Any], create: bool = True) -> Any:
-        """Run ``write(store_id, create)`` on the client's session, or else on a fresh one.
-
-        With ``create=False`` there is no fresh one: None when nothing is stored.
-        """
+    def _write(self, session: TallySession, write: Callable[[str, bool], Any]) -> Any:
+        """Run ``write(store_id, create)`` on the client's session, or else on a fresh one."""
         if session.unknown:
             session.renew(self._generate_sid(self.sid_length))
         if not session.new:
             result = write(self._get_store_id(session.sid), False)
-            if result is not None or not create:
+            if result is not None:
                 return result
             session.renew(self._generate_sid(self.sid_length))  # unknown or expired: never adopt it
-        elif not create:
-            return None
         self.before_create()
         result = write(self._get_store_id(session.sid), True)
         self.on_created()
@@ -167,17 +162,12 @@ class TallySessionInterface(ServerSideSessionInterface):
         session.known({field: value})
         return value
 
-    def update(
-        self, app: Flask, session: TallySession, change: Callable[[Record], Record], create: bool = True
-    ) -> None:
-        """Atomically apply ``change`` to the stored session.
+    def update(self, app: Flask, session: TallySession, change: Callable[[Record], Record]) -> None:
+        """Atomically apply ``change`` to the stored session, creating it if it is not stored."""
+        self._update(session, change, lifetime_seconds(app))
 
-        With ``create=False`` a session that is not stored is left alone.
-        """
-        ttl = lifetime_seconds(app)
-        record = self._write(session, lambda key, create_it: self.store.update(key, change, ttl, create_it), create)
-        if record is not None:
-            session.known(record)
+    def _update(self, session: TallySession, change: Callable[[Record], Record], ttl: int) -> None:
+        session.known(self._write(session, lambda key, create: self.store.update(key, change, ttl, create)))
 
     def save_session(self, app: Flask, session: ServerSideSession, response: Response) -> None:  # type: ignore[override]
         """Merge what the view set on the session, and send the cookie if it was stored."""
@@ -217,12 +207,11 @@ class TallySessionInterface(ServerSideSessionInterface):
         removed = loaded.keys() - session.keys()
         if not changed and not removed:
             return
-        ttl = int(session_lifetime.total_seconds())
 
         def merge(record: Record) -> Record:
             return {k: v for k, v in record.items() if k not in removed} | changed
 
-        session.known(self._write(session, lambda key, create: self.store.update(key, merge, ttl, create)))
+        self._update(session, merge, int(session_lifetime.total_seconds()))
 
     def _retrieve_session_data(self, store_id: str) -> Record | None:
         return self.store.load(store_id)

@@ -35,9 +35,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
-from cachelib.base import BaseCache
 from cachelib.file import FileSystemCache
 
 from .base import (
@@ -145,8 +143,10 @@ def _live(slot: _Slot | None, now: float) -> bool:
 class RecordFileCache(FileSystemCache):
     """cachelib's file cache with locked, in-place, JSON records.
 
-    It still answers cachelib's ``get``/``set``/``delete``/``has``, and adds
-    :meth:`update`, the atomic read-modify-write that the counter needs.
+    Of cachelib it keeps the layout: the folder and the file names.  Records go
+    through :meth:`update_path`, the atomic read-modify-write the counter needs,
+    and :meth:`read_path`; cachelib's ``get`` and ``set`` (pickle, no lock) are
+    never called.
     """
 
     def __init__(self, cache_dir: str, default_timeout: int = 0, fsync: bool = False) -> None:
@@ -293,25 +293,6 @@ class RecordFileCache(FileSystemCache):
     def path_for(self, key: str) -> str:
         """Return the file that holds ``key``."""
         return self._get_filename(key)
-
-    # -- cachelib's interface ----------------------------------------------
-
-    def get(self, key: str) -> Any:
-        """Return the live record under ``key``, or None."""
-        return self.read_path(self._get_filename(key))
-
-    def set(self, key: str, value: Any, timeout: Any = None, mgmt_element: bool = False) -> bool:
-        """Store ``value`` (a JSON object) under ``key``."""
-        self.update_path(self._get_filename(key), lambda _: value, self._normalize_ttl(timeout))
-        return True
-
-    def has(self, key: str) -> bool:
-        """Tell whether a live record is stored under ``key``."""
-        return self.get(key) is not None
-
-    def _normalize_ttl(self, timeout: Any) -> int:
-        # FileSystemCache's override turns it into a deadline; we want seconds.
-        return int(BaseCache._normalize_timeout(self, timeout))
 
     # -- maintenance -------------------------------------------------------
 
