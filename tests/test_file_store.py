@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import re
 import stat
+import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +132,67 @@ def test_no_live_session_is_evicted_however_many_there_are(tmp_path: Path) -> No
         assert store.add(key, "counter", n, 3600) == n
     assert store.count() == 20_000
     assert all(store.load(key) == {"counter": n} for n, key in enumerate(keys))
+
+
+#: Audit events that list a folder, or remove, rename or open a file.
+_WATCHED = {"open", "os.listdir", "os.scandir", "os.remove", "os.rmdir", "os.rename", "os.replace", "os.truncate"}
+_seen: list[tuple[str, str]] | None = None
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    if _seen is not None and event in _WATCHED and args and isinstance(args[0], str | bytes | os.PathLike):
+        _seen.append((event, os.path.abspath(os.fsdecode(args[0]))))
+
+
+@contextlib.contextmanager
+def file_events() -> Iterator[list[tuple[str, str]]]:
+    """Record every file a block opens, lists, removes or renames, through Python's audit hooks."""
+    global _seen
+    if not getattr(file_events, "hooked", False):
+        sys.addaudithook(_audit)  # a hook cannot be removed: it stays, idle, for the session
+        file_events.hooked = True  # type: ignore[attr-defined]
+    _seen = events = []
+    try:
+        yield events
+    finally:
+        _seen = None
+
+
+def test_a_write_touches_its_own_sessions_file_and_nothing_else(tmp_path: Path) -> None:
+    # No eviction at any size: an eviction, at whatever size it starts, must list
+    # the sessions or keep their count somewhere, and remove some.  Each write of
+    # a new or a stored session opens that session's file alone, lists no folder
+    # and removes nothing, so none can start at 20,001 sessions or a billion.
+    folder = tmp_path / "s"
+    store = files.FileStore(str(folder))
+    keys = [f"session:{n:043d}" for n in range(3)]
+    store.add(keys[0], "counter", 1, 3600)
+    writes: list[Callable[[], object]] = [
+        lambda: store.add(keys[0], "counter", 1, 3600),
+        lambda: store.add(keys[1], "counter", 1, 3600),
+        lambda: store.update(keys[0], lambda r: r | {"name": "a"}, 3600),
+        lambda: store.update(keys[2], lambda r: r | {"name": "b"}, 3600),
+        lambda: store.update(keys[0], lambda r: r, 3600, create=False),
+    ]
+    for write, key in zip(writes, [keys[0], keys[1], keys[0], keys[2], keys[0]], strict=True):
+        with file_events() as events:
+            write()
+        assert events and set(events) == {("open", store.cache.path_for(key))}, events
+
+
+def test_a_served_write_touches_its_own_sessions_file_and_nothing_else(app: Flask, client: FlaskClient) -> None:
+    # The same through the app: a new client's session also counts against its
+    # address's quota, in a file of its own under quotas/.
+    quotas = os.path.join(app.config["SESSION_DIR"], "quotas")
+    with file_events() as events:
+        assert client.get("/inc").text == "counter is 1"
+    own = str(only_session_file(app))
+    assert {event for event, _ in events} == {"open"}, events
+    assert {path for _, path in events if os.path.dirname(path) != quotas} == {own}, events
+    for method, path in (("GET", "/inc"), ("POST", "/inc?by=5"), ("POST", "/reset"), ("GET", "/counter")):
+        with file_events() as events:
+            assert client.open(path, method=method).status_code == 200
+        assert set(events) == {("open", own)}, (path, events)
 
 
 def test_prune_removes_expired_sessions_and_keeps_live_ones(tmp_path: Path) -> None:
