@@ -51,9 +51,11 @@ bench: $(VENV)/.installed-bench
 
 # A fresh run each time: mutmut would otherwise keep verdicts that changed tests may have changed.
 # src/ is never touched: mutmut mutates a copy in mutants/, which tests/mutation/ hands to gunicorn.
+# The venv's bin/ goes first on PATH for the mypy that weeds out mutants of the wrong type.
 mutants: $(VENV)/.installed-mutants
 	rm -rf mutants
-	PYTHONPATH=$(CURDIR)/tests/mutation $(BIN)/mutmut run --max-children $(or $(MUTANT_CHILDREN),2)
+	PATH=$(CURDIR)/$(BIN):$$PATH PYTHONPATH=$(CURDIR)/tests/mutation \
+	  $(BIN)/mutmut run --max-children $(or $(MUTANT_CHILDREN),2)
 	$(BIN)/mutmut results
 
 lint: $(VENV)/.installed-test

@@ -7,7 +7,8 @@ lines written since the previous test, so that a test that reaches a
 function only through gunicorn is run against that function's mutants.
 
 Then, when the recording ends, each function keeps the fastest of its tests
-up to :data:`BUDGET` seconds, and any of :data:`GUARANTEES` that reach it.
+up to :data:`BUDGET` seconds, timed whole (setup and teardown included), and
+any of :data:`GUARANTEES` that reach it and guard its module.
 Nearly every test goes through the session and store code, and mutmut runs
 every test it has for a function against each mutant that survives: without
 a budget, each surviving mutant of a hot function would cost minutes.
@@ -26,26 +27,38 @@ from mutmut.state import state
 
 #: Seconds of a function's fastest tests that run against each of its mutants.
 BUDGET = 3.0
-#: Slower tests that run against every mutant they reach, because they alone
-#: check a guarantee that only real processes, real threads or a stalled
-#: server can break.
+#: Slower tests that run against every mutant they reach in the modules named,
+#: because they alone check a guarantee that only real processes, real threads
+#: or a stalled server can break.  Scoped to the store behind the promise: the
+#: gunicorn tests reach every function of a request, and a surviving mutant of
+#: the security headers would otherwise run them all.
 GUARANTEES = {
     # flock across gunicorn workers: no increment of one cookie is lost.
-    "tests/test_concurrency.py::test_concurrent_increments_with_one_cookie_are_all_counted",
+    "tests/test_concurrency.py::test_concurrent_increments_with_one_cookie_are_all_counted": (
+        "tally.store.files", "tally.store.base", "tally.sessions",
+    ),
     # Reads never write: a slow read cannot undo a concurrent increment.
-    "tests/test_concurrency.py::test_reads_during_increments_never_undo_them",
+    "tests/test_concurrency.py::test_reads_during_increments_never_undo_them": (
+        "tally.store.files", "tally.store.base", "tally.sessions",
+    ),
     # The Redis deadline: a write that a stalled Redis runs late does nothing.
-    "tests/test_redis.py::test_a_hung_redis_gets_503_in_bounded_time_and_counts_resume_exactly",
+    "tests/test_redis.py::test_a_hung_redis_gets_503_in_bounded_time_and_counts_resume_exactly": ("tally.store.redis",),
     # The three below, each 1 to 1.6 s, fell beyond the budget, and mutants that
     # break these promises survived.  (That the deadline is tight is checked fast,
     # without a stall: test_the_deadline_is_half_the_timeout_ahead_...)
     # REDIS_REPLICAS: a write that too few replicas confirm is a 503, never a 200.
-    "tests/test_redis.py::test_with_replicas_required_and_none_following_writes_answer_503_not_200",
+    "tests/test_redis.py::test_with_replicas_required_and_none_following_writes_answer_503_not_200": (
+        "tally.store.redis", "tally.store.base",
+    ),
     # No retries, and timeouts on reads: a timed-out write is sent once, and a read
     # of a hung Redis is a 503 within one timeout.
-    "tests/test_redis.py::test_a_timed_out_write_is_sent_once_and_answered_within_the_timeout",
-    "tests/test_redis.py::test_reads_and_writes_on_a_hung_redis_answer_503_within_the_timeout[/global]",
-}
+    "tests/test_redis.py::test_a_timed_out_write_is_sent_once_and_answered_within_the_timeout": (
+        "tally.store.redis", "tally.store.redis_connect",
+    ),
+    "tests/test_redis.py::test_reads_and_writes_on_a_hung_redis_answer_503_within_the_timeout[/global]": (
+        "tally.store.redis", "tally.store.redis_connect",
+    ),
+}  # fmt: skip
 
 #: How far each hit file has been read, so that every test gets only its own lines.
 _read_up_to: dict[Path, int] = {}
@@ -71,18 +84,37 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
         state()._stats.update(_new_hits(Path(folder)))
 
 
+#: Each test's whole time, setup and teardown included: a test that starts
+#: gunicorn or a TLS Cluster costs that with every mutant it runs against,
+#: while mutmut itself times the test's call alone.
+_whole_time: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Add up each phase of each test."""
+    if get_mutant_under_test() == "stats":
+        _whole_time[report.nodeid] = _whole_time.get(report.nodeid, 0.0) + report.duration
+
+
+def _guards(test: str, function: str) -> bool:
+    return any(function.startswith(module + ".") for module in GUARANTEES.get(test, ()))
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Trim each function's tests to the budget, keeping the guarantees' tests."""
     if get_mutant_under_test() != "stats":
         return
     durations = state().duration_by_test
-    for tests in state().tests_by_mangled_function_name.values():
+    # mutmut orders, budgets and times out each mutant's tests by these.
+    durations.update((test, seconds) for test, seconds in _whole_time.items() if test in durations)
+    for function, tests in state().tests_by_mangled_function_name.items():
+        guarantees = {test for test in tests if _guards(test, function)}
         kept: set[str] = set()
         spent = 0.0
-        for test in sorted(tests - GUARANTEES, key=lambda t: durations.get(t, 0.0)):
+        for test in sorted(tests - guarantees, key=lambda t: durations.get(t, 0.0)):
             spent += durations.get(test, 0.0)
             if spent > BUDGET and kept:
                 break
             kept.add(test)
-        tests.intersection_update(kept | GUARANTEES)
+        tests.intersection_update(kept | guarantees)
