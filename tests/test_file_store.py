@@ -137,6 +137,7 @@ def test_no_live_session_is_evicted_however_many_there_are(tmp_path: Path) -> No
 #: Audit events that list a folder, or remove, rename or open a file.
 _WATCHED = {"open", "os.listdir", "os.scandir", "os.remove", "os.rmdir", "os.rename", "os.replace", "os.truncate"}
 _seen: list[tuple[str, str]] | None = None
+_hooked = False
 
 
 def _audit(event: str, args: tuple[Any, ...]) -> None:
@@ -147,11 +148,12 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
 @contextlib.contextmanager
 def file_events() -> Iterator[list[tuple[str, str]]]:
     """Record every file a block opens, lists, removes or renames, through Python's audit hooks."""
-    global _seen
-    if not getattr(file_events, "hooked", False):
+    global _seen, _hooked
+    if not _hooked:
         sys.addaudithook(_audit)  # a hook cannot be removed: it stays, idle, for the session
-        file_events.hooked = True  # type: ignore[attr-defined]
-    _seen = events = []
+        _hooked = True
+    events: list[tuple[str, str]] = []
+    _seen = events
     try:
         yield events
     finally:
