@@ -47,7 +47,7 @@ STAGES: list[tuple[str, str, str]] = [
     ("cookie", "tally.sessions:TallySessionInterface", "_cookie"),
     ("cookie", "werkzeug.sansio.response:Response", "set_cookie"),  # what versions before 9dbcf5a called
     ("session save, without cookie", "tally.sessions:TallySessionInterface", "save_session"),
-    ("metrics", "tally.metrics", "_started"),
+    ("metrics", "tally.metrics", "_started"),  # a hook until the WSGI wrapper, which is not timed
     ("metrics", "tally.metrics", "_observe"),
     ("security headers", "tally.security", "add_headers"),
     ("WSGI response", "werkzeug.wrappers.response:Response", "__call__"),
