@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from http.cookies import SimpleCookie
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -16,7 +20,7 @@ from werkzeug.http import parse_date
 from werkzeug.wrappers import Response
 
 from conftest import CHROMIUM
-from tally import counter, create_app
+from tally import counter, create_app, sessions
 from tally.store.files import RecordFileCache
 
 
@@ -36,22 +40,54 @@ def test_two_clients_have_their_own_counters(app: Flask) -> None:
 
 
 def test_the_cookie_is_httponly_lax_and_expires(client: FlaskClient) -> None:
-    client.get("/inc")
+    response = client.get("/inc")
     cookie = client.get_cookie("session")
     assert cookie is not None
     assert cookie.http_only and cookie.same_site == "Lax" and not cookie.secure
     assert cookie.expires is not None
     assert len(cookie.value) == 43
+    sent = SimpleCookie(response.headers["Set-Cookie"])["session"]
+    assert (sent["path"], sent["domain"]) == ("/", ""), "the whole site, this host only"
 
 
-def test_each_write_renews_the_cookie_and_a_read_sends_none(client: FlaskClient) -> None:
+def test_the_cookie_follows_flasks_cookie_settings(tmp_path: Path) -> None:
+    app = create_app(
+        {"SESSION_DIR": str(tmp_path / "s"), "SESSION_COOKIE_NAME": "tally", "SESSION_COOKIE_DOMAIN": "tally.example",
+         "SESSION_COOKIE_PATH": "/counters"},
+        instance_path=str(tmp_path),
+    )  # fmt: skip
+    response = app.test_client().get("/inc", base_url="http://tally.example")
+    sent = SimpleCookie(response.headers["Set-Cookie"])["tally"]
+    assert (sent["domain"], sent["path"]) == ("tally.example", "/counters")
+
+
+@pytest.fixture
+def local_time_far_from_utc() -> Iterator[None]:
+    """The process's local time zone ten hours behind UTC, for one test."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TZ", "HST+10")
+        time.tzset()
+        yield
+    time.tzset()
+
+
+@pytest.mark.usefixtures("local_time_far_from_utc")
+def test_each_write_renews_the_cookie_for_the_lifetime_and_a_read_sends_none(
+    app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cookie expires with the session: the lifetime from each write, whatever
+    # the server's local time zone.  The cookie's clock is ours, to let a second
+    # pass between the writes (its expiry is in whole seconds) without waiting.
+    clock = int(time.time()) + 0.5
+    monkeypatch.setattr(sessions, "time", SimpleNamespace(time=lambda: clock))
     first = client.get("/inc").headers["Set-Cookie"]
     assert "Set-Cookie" not in client.get("/counter").headers
-    time.sleep(1.1)  # the cookie's expiry is in whole seconds
+    clock += 1
     second = client.get("/inc").headers["Set-Cookie"]
     assert first.split(";")[0] == second.split(";")[0], "the same session"
     expires = [parse_date(SimpleCookie(header)["session"]["expires"]) for header in (first, second)]
-    assert expires[0] is not None and expires[1] is not None and expires[1] > expires[0]
+    written = [datetime.fromtimestamp(int(at), UTC) for at in (clock - 1, clock)]
+    assert expires == [at + app.permanent_session_lifetime for at in written]
 
 
 def test_secure_cookie_is_configurable(tmp_path: Path) -> None:
@@ -129,6 +165,16 @@ def test_session_files_are_private_and_hold_no_pickle(app: Flask, client: FlaskC
     raw = path.read_bytes()
     assert b'"counter":3' in raw
     assert b"\x80\x04" not in raw and b"\x80\x05" not in raw  # pickle protocol headers
+
+
+def test_sessions_are_stored_under_the_configured_key_prefix(tmp_path: Path) -> None:
+    app = create_app({"SESSION_DIR": str(tmp_path / "s"), "SESSION_KEY_PREFIX": "tally:"}, instance_path=str(tmp_path))
+    client = app.test_client()
+    assert client.get("/inc").text == "counter is 1"
+    cookie = client.get_cookie("session")
+    assert cookie is not None
+    [path] = session_files(app)
+    assert path.name == hashlib.sha256(f"tally:{cookie.value}".encode()).hexdigest()
 
 
 def test_the_store_folder_is_created_when_missing(tmp_path: Path) -> None:
@@ -235,6 +281,19 @@ def _app_on(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Fla
         return jsonify(dict(session))
 
     return app
+
+
+def test_keyword_updates_of_the_session_are_stored(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    app = _app_on("files", tmp_path, request)
+
+    @app.post("/prefs")
+    def prefs() -> str:
+        session.update({"lang": "en"}, theme="dark")
+        return "saved"
+
+    client = app.test_client()
+    assert client.post("/prefs").text == "saved"
+    assert client.get("/keys").json == {"lang": "en", "theme": "dark"}
 
 
 def _stored_sessions(app: Flask) -> int:
