@@ -139,6 +139,17 @@ def test_cookie_dependent_answers_are_not_cached(client: FlaskClient) -> None:
         assert "Cookie" in response.headers["Vary"]
 
 
+def test_static_files_may_be_cached_but_errors_on_their_paths_may_not(client: FlaskClient) -> None:
+    with client.get("/static/app.js") as script:
+        assert script.status_code == 200 and script.headers.get("Cache-Control") != "no-store"
+    # A missing file, and a body that ends before its Content-Length: rendered per Accept.
+    missing = client.get("/static/nowhere.js")
+    cut_short = client.get("/static/app.js", data=b"by=3", environ_overrides={"CONTENT_LENGTH": "100"})
+    for response, status in ((missing, 404), (cut_short, 400)):
+        assert response.status_code == status
+        assert response.headers.get("Cache-Control") == "no-store" and response.headers.get("Vary") == "Cookie, Accept"
+
+
 def test_the_exact_bodies_and_headers_a_script_relies_on(client: FlaskClient) -> None:
     text = client.get("/inc")
     assert text.get_data() == b"counter is 1" and text.headers["Content-Type"] == "text/plain; charset=utf-8"
