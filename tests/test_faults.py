@@ -5,11 +5,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 from flask import Flask
+from flask.testing import FlaskClient
 
 from conftest import json_of
 from tally import create_app
@@ -71,6 +73,18 @@ def test_a_full_disk_is_a_507_for_new_addresses_too_with_the_per_address_limit_o
         assert "disk is full" in response.text and "Set-Cookie" not in response.headers
 
 
+def test_a_write_the_disk_cuts_short_is_a_507_and_the_previous_value_stands(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert client.get("/inc").text == "counter is 1"
+    write = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: write(fd, data[: len(data) // 2], offset))
+    response = client.get("/inc")
+    monkeypatch.undo()
+    assert response.status_code == 507 and "disk is full" in response.text
+    assert client.get("/counter").text == "counter is 1"
+
+
 def test_an_unusable_folder_is_a_503_with_retry_after_5(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")  # the folder would be inside a file: every write fails
     app = create_app({"SESSION_DIR": str(tmp_path / "file" / "sessions")}, instance_path=str(tmp_path / "instance"))
@@ -117,3 +131,4 @@ def test_an_unusable_session_folder_fails_requests_not_startup(tmp_path: Path) -
     assert response.status_code == 503 and "counter is" not in response.text
     blocker.unlink()
     assert app.test_client().get("/inc").text == "counter is 1", "it recovers once the folder can be made"
+    assert stat.S_IMODE((blocker / "sessions").stat().st_mode) == 0o700, "made the owner's alone, as at start"

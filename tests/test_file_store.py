@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import pickle
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -197,14 +199,18 @@ def test_a_served_write_touches_its_own_sessions_file_and_nothing_else(app: Flas
         assert set(events) == {("open", own)}, (path, events)
 
 
-def test_prune_removes_expired_sessions_and_keeps_live_ones(tmp_path: Path) -> None:
+def test_prune_removes_expired_sessions_keeps_live_ones_and_says_what_it_freed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     app = create_app(
-        {"PERMANENT_SESSION_LIFETIME": 1, "SESSION_DIR": str(tmp_path / "s"), "SECRET_KEY": "k"},
+        {"PERMANENT_SESSION_LIFETIME": 60, "SESSION_DIR": str(tmp_path / "s"), "SECRET_KEY": "k"},
         instance_path=str(tmp_path),
     )
-    for _ in range(5):
-        app.test_client().get("/inc")
-    time.sleep(1.1)
+    an_hour_ago = time.time() - 3600
+    with monkeypatch.context() as past:
+        past.setattr(time, "time", lambda: an_hour_ago)
+        for _ in range(5):
+            app.test_client().get("/inc")  # written an hour ago, to live a minute
     live = app.test_client()
     live.get("/inc?by=3")
     result = app.test_cli_runner().invoke(args=["sessions", "prune"])
@@ -421,6 +427,44 @@ def test_the_global_counter_never_expires(client: FlaskClient, monkeypatch: pyte
     monkeypatch.setattr(time, "time", lambda: a_year_on)
     assert client.get("/global").text == "global counter is 1"
     assert client.get("/global/inc").text == "global counter is 2"
+
+
+def test_a_write_that_meets_a_corrupt_file_sets_it_aside_and_writes_a_fresh_one(
+    app: Flask, client: FlaskClient
+) -> None:
+    # The global counter's file, which (unlike a session's) a write may create: the
+    # write must go to a new file, not into the one just unlinked, where it would be lost.
+    assert client.get("/global/inc").text == "global counter is 1"
+    path = Path(app.config["SESSION_DIR"]) / files.GLOBAL_FILE
+    path.write_bytes(b"not a counter")
+    assert client.get("/global/inc").text == "global counter is 1"
+    assert client.get("/global").text == "global counter is 1"
+    assert [p.read_bytes() for p in (path.parent / files.QUARANTINE_DIR).iterdir()] == [b"not a counter"]
+
+
+@pytest.mark.parametrize(("create", "added"), [(True, 5), (False, None)])
+def test_a_writer_that_waited_for_a_file_removed_meanwhile_never_writes_into_it(
+    tmp_path: Path, create: bool, added: int | None
+) -> None:
+    # Prune and quarantine unlink a file while they hold its lock.  A writer that was
+    # waiting for that lock starts on a fresh file (or, only if the session exists,
+    # gives up), rather than write where no one would read it again.
+    store = files.FileStore(str(tmp_path / "s"))
+    assert store.add("session:k", "counter", 9, 60) == 9
+    path = store.cache.path_for("session:k")
+    waiting = threading.Event()
+    store.on_contention = waiting.set
+    lock = os.open(path, os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    with ThreadPoolExecutor(1) as pool:
+        writer = pool.submit(store.add, "session:k", "counter", 5, 60, create)
+        try:
+            assert waiting.wait(5), "the writer waits for the lock"
+            os.unlink(path)
+        finally:
+            os.close(lock)  # which releases it
+        assert writer.result(5) == added
+    assert store.load("session:k") == (None if added is None else {"counter": added})
 
 
 def test_each_corrupt_file_is_quarantined_into_a_private_folder(app: Flask) -> None:
