@@ -23,6 +23,7 @@ import pytest
 import requests
 from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
+from prometheus_client.parser import text_string_to_metric_families
 from pytest_redis import factories
 from pytest_redis.executor.process import RedisExecutor
 from werkzeug.test import TestResponse
@@ -87,6 +88,16 @@ def json_of(response: TestResponse) -> Any:
     body = response.get_json()
     assert body is not None, f"not JSON: {response.get_data(as_text=True)!r}"
     return body
+
+
+def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The values of metric ``name`` in Prometheus text, by their sorted labels."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                found[tuple(sorted(sample.labels.items()))] = sample.value
+    return found
 
 
 def counter_of(text: str) -> int:

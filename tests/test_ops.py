@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
-from prometheus_client.parser import text_string_to_metric_families
 from pytest_redis.executor.process import RedisExecutor
 
-from conftest import ServerFactory, free_port, json_of
+from conftest import ServerFactory, free_port, json_of, samples
 from tally import create_app, faults, ops
 from tally.store import files
 
@@ -88,15 +88,6 @@ def test_healthz_reports_an_unreachable_redis(tmp_path: Path) -> None:
     assert json_of(response)["store"] == "redis" and json_of(response)["kind"] == "unavailable"
 
 
-def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                found[tuple(sorted(sample.labels.items()))] = sample.value
-    return found
-
-
 def total(server, name: str, **labels: str) -> float:  # type: ignore[no-untyped-def]
     text = server.get("/metrics").text
     return sum(value for key, value in samples(text, name).items() if all(item in key for item in labels.items()))
@@ -133,6 +124,18 @@ def test_storage_errors_are_counted_by_kind(tmp_path: Path) -> None:
     assert client.get("/global/inc").status_code == 503
     after = samples(client.get("/metrics").text, "tally_storage_errors_total")
     assert after[(("kind", "unavailable"),)] >= 1 and sum(after.values()) == before + 1
+
+
+def test_corrupt_sessions_set_aside_are_counted(app: Flask, client: FlaskClient) -> None:
+    def corrupt() -> float:
+        return samples(client.get("/metrics").text, "tally_corrupt_sessions_total").get((("store", "files"),), 0.0)
+
+    before = corrupt()
+    assert client.get("/inc").text == "counter is 1"
+    [path] = [p for p in Path(app.config["SESSION_DIR"]).iterdir() if len(p.name) == 64]
+    path.write_bytes(b"not a session")
+    assert client.get("/counter").text == "counter is 0"
+    assert corrupt() == before + 1
 
 
 def test_metrics_labels_stay_bounded_whatever_methods_clients_invent(client: FlaskClient) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -25,7 +25,7 @@ from pytest_redis.executor.process import RedisExecutor
 from redis import exceptions as rx
 from redis.sentinel import MasterNotFoundError
 
-from conftest import Server, ServerFactory, burst_across, counter_of, free_port, json_of, need_redis
+from conftest import Server, ServerFactory, burst_across, counter_of, free_port, json_of, need_redis, samples
 from tally import create_app
 from tally.store import StorageError
 from tally.store import redis as redis_store
@@ -366,8 +366,11 @@ def test_with_a_replica_following_writes_are_acknowledged(tmp_path: Path, own_re
 
 
 def test_an_evicting_redis_is_reported_at_start_and_by_healthz(
-    tmp_path: Path, own_redis: RedisExecutor, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, own_redis: RedisExecutor, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # On a machine up for seconds only, too: time.monotonic() counts from its boot.
+    booted = time.monotonic() - 5
+    monkeypatch.setattr(redis_store, "time", SimpleNamespace(monotonic=lambda: time.monotonic() - booted))
     admin = redis.Redis(port=own_redis.port)
     admin.config_set("maxmemory-policy", "allkeys-lru")
     with caplog.at_level(logging.WARNING, logger="tally"):
@@ -424,6 +427,46 @@ def test_sentinel_and_cluster_urls_are_read_like_the_limits_library() -> None:
     assert (kwargs["db"], kwargs["username"], kwargs["password"]) == (3, "u", "p@ss")
     cluster = connect("rediss+cluster://:pw@127.0.0.1:7000,127.0.0.1:7001?ssl_cert_reqs=none", 1.0)
     assert isinstance(cluster, ClusterTarget) and cluster.cluster
+    # Without /DB, database 0; the service is the one the URL names.
+    primary: Any = connect("redis+sentinel://127.0.0.1:26379/mymaster", 1.0).client_for("k").connection_pool
+    assert (primary.service_name, primary.connection_kwargs["db"]) == ("mymaster", 0)
+
+
+@pytest.mark.parametrize("scheme", ["redis", "rediss"])
+def test_a_rediss_url_speaks_tls_to_every_node_and_a_redis_url_to_none(scheme: str) -> None:
+    from redis.connection import SSLConnection
+    from redis.sentinel import SentinelManagedConnection
+
+    from tally.store.redis_connect import ClusterTarget, connect
+
+    # Made without connecting (a Cluster connects on first use): the clients are inspected.
+    tls = scheme == "rediss"
+    primary: Any = connect(f"{scheme}+sentinel://127.0.0.1:26379/mymaster", 1.0).client_for("k").connection_pool
+    assert issubclass(primary.connection_class, SentinelManagedConnection), "it follows the primary the sentinels name"
+    sentinels = [s.connection_pool.connection_class for s in primary.sentinel_manager.sentinels]
+    assert [issubclass(c, SSLConnection) for c in (primary.connection_class, *sentinels)] == [tls, tls]
+    cluster = connect(f"{scheme}+cluster://127.0.0.1:7000", 1.0)
+    assert isinstance(cluster, ClusterTarget)
+    assert cluster._kwargs.get("ssl", False) is tls and "connection_class" not in cluster._kwargs
+
+
+def _failures(client: FlaskClient, kind: str) -> float:
+    """How many storage operations failed with ``kind``, by ``tally_storage_errors_total``."""
+    return samples(client.get("/metrics").text, "tally_storage_errors_total").get((("kind", kind),), 0.0)
+
+
+def test_the_redis_settings_are_the_stores(tmp_path: Path, redis_url: str, redis_prefix: str) -> None:
+    app = _app_on(tmp_path, redis_url, REDIS_PREFIX=redis_prefix, REDIS_REPLICAS=1, REDIS_TIMEOUT=0.3)
+    # TALLY_REDIS_REPLICAS=1 on a Redis that no replica follows: a write is a 503.
+    client = app.test_client()
+    before = _failures(client, "not_replicated")
+    response = client.post("/inc")
+    assert response.status_code == 503 and "fewer than 1 Redis replicas confirmed" in response.text
+    assert _failures(client, "not_replicated") == before + 1
+    # TALLY_REDIS_TIMEOUT bounds each wait for an answer, and each wait to connect.
+    store = app.session_interface.store  # type: ignore[attr-defined]
+    kwargs = store.target.client_for("k").connection_pool.connection_kwargs
+    assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 0.3
 
 
 # -- guarantees a seeded fault must not slip past ------------------------------
@@ -523,9 +566,11 @@ def test_a_timed_out_write_is_sent_once_and_answered_within_the_timeout(
     assert client.get("/inc").text == "counter is 1"
     admin = redis.Redis(port=own_redis.port)
     before = admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    failed = _failures(client, "unavailable")
     response, took = _during_a_stall(own_redis, lambda: client.get("/inc"))
     assert response.status_code == 503
     assert "may or may not have been applied" in response.text, "its outcome is unknown, and the answer says so"
+    assert _failures(client, "unavailable") == failed + 1
     after = admin.info("commandstats")["cmdstat_evalsha"]["calls"]
     assert after - before == 1, "no second copy reached Redis"
     assert took < 1.6, f"answered after {took:.2f} s on a 1 s timeout"
@@ -808,6 +853,7 @@ def test_a_counter_the_slow_path_repairs_keeps_the_session_lifetime(
     assert client.get("/inc").text == "counter is 1"
     direct = redis.Redis.from_url(redis_url)
     [key] = direct.keys(redis_prefix + "session:*")
+    assert 1000 < direct.pttl(key) <= 2000, "as HINCRBY's path does"
     direct.hset(key, "counter", '"seven"')
     assert client.get("/inc").text == "counter is 1"
     assert 1000 < direct.pttl(key) <= 2000
