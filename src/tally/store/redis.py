@@ -141,6 +141,10 @@ def _translate(exc: Exception) -> Exception:
     text = str(exc)
     if _refused(exc):
         return StorageError("permission", "Redis refused our credentials", 503)
+    # MOVED (an AskError), ASK, TRYAGAIN and CLUSTERDOWN: redis-py's parser turns
+    # the reply's first word into the class, so the text no longer starts with it.
+    if isinstance(exc, rx.AskError | rx.TryAgainError | rx.ClusterDownError):
+        return StorageError("unavailable", "the Redis Cluster is changing; try again shortly", 503)
     if isinstance(exc, rx.ResponseError):
         if "TALLY_LATE" in text:
             return StorageError("unavailable", "Redis answered too late", 503)
@@ -148,8 +152,6 @@ def _translate(exc: Exception) -> Exception:
             return OutOfRange("the counter would leave the signed 64-bit range")
         if text.startswith("NOREPLICAS"):
             return StorageError("not_replicated", "Redis refused the write: too few replicas follow it", 503)
-        if text.startswith(("CLUSTERDOWN", "TRYAGAIN", "MOVED", "ASK")):
-            return StorageError("unavailable", "the Redis Cluster is changing; try again shortly", 503)
     if isinstance(exc, rx.OutOfMemoryError):
         return StorageError("redis_oom", "Redis is out of memory", 503)
     if isinstance(exc, rx.ReadOnlyError):
