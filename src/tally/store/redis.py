@@ -156,8 +156,6 @@ def _translate(exc: Exception) -> Exception:
         return StorageError("redis_oom", "Redis is out of memory", 503)
     if isinstance(exc, rx.ReadOnlyError):
         return StorageError("read_only", "Redis is read-only (a replica?)", 503)
-    if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError | rx.NoPermissionError):
-        return StorageError("permission", "Redis refused our credentials", 503)
     if isinstance(exc, MasterNotFoundError):
         return StorageError("unavailable", "no Redis primary is known (a failover?)", 503)
     if isinstance(exc, rx.TimeoutError):
