@@ -100,6 +100,11 @@ def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     return found
 
 
+def session_files_in(folder: str | Path) -> list[Path]:
+    """The session files in a file store's folder (named by a sha256), in name order."""
+    return sorted(p for p in Path(folder).iterdir() if len(p.name) == 64)
+
+
 def counter_of(text: str) -> int:
     """Parse ``counter is N`` or ``global counter is N``."""
     match = re.fullmatch(r"(?:global )?counter is (-?\d+)", text)

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import ServerFactory, burst_across, counter_of
+from conftest import ServerFactory, burst_across, counter_of, session_files_in
 
 
 def test_concurrent_increments_with_one_cookie_are_all_counted(serve: ServerFactory) -> None:
@@ -104,7 +104,7 @@ def test_kill_9_of_a_worker_under_load_loses_no_acknowledged_update(serve: Serve
 def test_a_lock_held_by_a_killed_process_is_released(serve: ServerFactory) -> None:
     server = serve(workers=2, threads=2)
     cookie = server.new_client()
-    [path] = [p for p in server.session_dir.iterdir() if len(p.name) == 64]
+    [path] = session_files_in(server.session_dir)
     hold = (
         "import fcntl, sys, time; f = open(sys.argv[1], 'r+'); fcntl.flock(f, fcntl.LOCK_EX); "
         "print(1, flush=True); time.sleep(600)"

@@ -21,13 +21,14 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from conftest import session_files_in
 from tally import create_app
 from tally.store import files
 from tally.store.files import SLOT_SIZE
 
 
 def only_session_file(app: Flask) -> Path:
-    [path] = [p for p in Path(app.config["SESSION_DIR"]).iterdir() if len(p.name) == 64]
+    [path] = session_files_in(app.config["SESSION_DIR"])
     return path
 
 
@@ -373,7 +374,7 @@ def test_stats_count_each_live_session_its_blocks_and_the_oldest_write(
     folder = Path(app.config["SESSION_DIR"])
 
     def sessions() -> set[Path]:
-        return {p for p in folder.iterdir() if len(p.name) == 64}
+        return set(session_files_in(folder))
 
     empty = app.test_cli_runner().invoke(args=["sessions", "stats"]).output
     assert "sessions: 0\n" in empty and "bytes: 0 (0 B)" in empty and "oldest: none" in empty, empty
@@ -472,7 +473,7 @@ def test_each_corrupt_file_is_quarantined_into_a_private_folder(app: Flask) -> N
     clients = [app.test_client() for _ in range(2)]
     for client in clients:
         assert client.get("/inc?by=5").text == "counter is 5"
-    for path in (p for p in folder.iterdir() if len(p.name) == 64):
+    for path in session_files_in(folder):
         path.write_bytes(b"not a session")
     for client in clients:  # one after the other, into the same folder
         assert client.get("/inc").text == "counter is 1"

@@ -16,7 +16,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from pytest_redis.executor.process import RedisExecutor
 
-from conftest import ServerFactory, free_port, json_of, samples
+from conftest import ServerFactory, free_port, json_of, samples, session_files_in
 from tally import create_app, faults, ops
 from tally.store import files
 
@@ -132,7 +132,7 @@ def test_corrupt_sessions_set_aside_are_counted(app: Flask, client: FlaskClient)
 
     before = corrupt()
     assert client.get("/inc").text == "counter is 1"
-    [path] = [p for p in Path(app.config["SESSION_DIR"]).iterdir() if len(p.name) == 64]
+    [path] = session_files_in(app.config["SESSION_DIR"])
     path.write_bytes(b"not a session")
     assert client.get("/counter").text == "counter is 0"
     assert corrupt() == before + 1

@@ -9,17 +9,13 @@ import pytest
 import requests
 from pytest_redis.executor.process import RedisExecutor
 
-from conftest import Server, ServerFactory
+from conftest import Server, ServerFactory, session_files_in
 from tally import create_app
 
 
 def _fresh(server: Server, **headers: str) -> requests.Response:
     """A request with no cookie: each one asks for a new session."""
     return requests.get(server.url + "/inc", headers=headers, timeout=30)
-
-
-def _session_files(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if len(p.name) == 64]
 
 
 @pytest.mark.parametrize("store", ["files", "redis"])
@@ -39,7 +35,7 @@ def test_one_address_may_make_only_so_many_sessions_a_minute_across_instances(
         assert 1 <= int(refused.headers["Retry-After"]) <= 60
         assert "new sessions" in refused.text and "Set-Cookie" not in refused.headers
     if store == "files":
-        assert len(_session_files(servers[0].session_dir)) == 20, "a refused request stores nothing"
+        assert len(session_files_in(servers[0].session_dir)) == 20, "a refused request stores nothing"
     assert servers[1].get("/inc", regular).text == "counter is 2", "existing sessions keep counting"
 
 
@@ -66,7 +62,7 @@ def test_prune_removes_the_per_address_counts_whose_minute_has_passed(
     for n in range(3):
         assert app.test_client().get("/inc", environ_base={"REMOTE_ADDR": f"192.0.2.{n}"}).status_code == 200
     counts = tmp_path / "sessions" / "quotas"
-    assert len(_session_files(counts)) == 3, "a count per address"
+    assert len(session_files_in(counts)) == 3, "a count per address"
     runner = app.test_cli_runner()
     result = runner.invoke(args=["sessions", "prune"])
     assert "removed 0 expired per-address counts of new sessions, kept 3" in result.output
@@ -75,7 +71,7 @@ def test_prune_removes_the_per_address_counts_whose_minute_has_passed(
     result = runner.invoke(args=["sessions", "prune"])
     assert "removed 0 expired sessions, kept 3" in result.output
     assert "removed 3 expired per-address counts of new sessions, kept 0" in result.output
-    assert _session_files(counts) == []
+    assert session_files_in(counts) == []
 
 
 def test_the_store_cap_refuses_new_sessions_with_507_and_keeps_the_old_counting(tmp_path: Path) -> None:
@@ -87,7 +83,7 @@ def test_the_store_cap_refuses_new_sessions_with_507_and_keeps_the_old_counting(
     assert refused.status_code == 507 and "maximum of 5 sessions" in refused.text
     assert refused.headers["Retry-After"] and "Set-Cookie" not in refused.headers
     assert clients[0].get("/inc").text == "counter is 2"
-    assert len(_session_files(Path(app.config["SESSION_DIR"]))) == 5
+    assert len(session_files_in(Path(app.config["SESSION_DIR"]))) == 5
 
 
 @pytest.mark.parametrize("store", ["files", "redis"])
@@ -126,4 +122,4 @@ def test_the_store_cap_holds_under_gunicorn(serve: ServerFactory) -> None:
     assert refused.status_code == 507 and "maximum of 4 sessions" in refused.text
     assert refused.headers["Retry-After"] and "Set-Cookie" not in refused.headers
     assert server.get("/inc", cookies[0]).text == "counter is 2"
-    assert len(_session_files(server.session_dir)) == 4
+    assert len(session_files_in(server.session_dir)) == 4

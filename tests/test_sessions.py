@@ -19,13 +19,13 @@ from flask.testing import FlaskClient
 from werkzeug.http import parse_date
 from werkzeug.wrappers import Response
 
-from conftest import CHROMIUM
+from conftest import CHROMIUM, session_files_in
 from tally import counter, create_app, sessions
 from tally.store.files import RecordFileCache
 
 
 def session_files(app: Flask) -> list[Path]:
-    return sorted(p for p in Path(app.config["SESSION_DIR"]).iterdir() if len(p.name) == 64)
+    return session_files_in(app.config["SESSION_DIR"])
 
 
 def test_two_clients_have_their_own_counters(app: Flask) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from conftest import ROOT, ServerFactory, free_port, tmpfs
+from conftest import ROOT, ServerFactory, free_port, session_files_in, tmpfs
 from tally import create_app
 from tally.config import ConfigError, check_settings
 
@@ -317,7 +317,7 @@ def test_prune_and_stats_go_by_each_sessions_own_expiry(tmp_path: Path) -> None:
     result = cron.test_cli_runner().invoke(args=["sessions", "prune"])
     assert result.exit_code == 0
     assert "removed 4 expired sessions, kept 3, freed 16.0 KiB (16384 bytes)" in result.output
-    assert len([p for p in folder.iterdir() if len(p.name) == 64]) == 3
+    assert len(session_files_in(folder)) == 3
     assert recent.get("/counter").text == "counter is 7"
     for client in long_lived:
         assert client.get("/counter").text == "counter is 5"
