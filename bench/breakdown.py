@@ -49,7 +49,8 @@ STAGES: list[tuple[str, str, str]] = [
     ("session save, without cookie", "tally.sessions:TallySessionInterface", "save_session"),
     ("metrics", "tally.metrics", "_started"),  # a hook until the WSGI wrapper, which is not timed
     ("metrics", "tally.metrics", "_observe"),
-    ("security headers", "tally.security", "add_headers"),
+    ("security headers", "tally.security", "add_headers"),  # a hook until they were added in WSGI
+    ("security headers", "tally.security", "with_headers"),
     ("WSGI response", "werkzeug.wrappers.response:Response", "__call__"),
 ]
 #: A stage's time includes these stages' times, which are taken out of it.

@@ -228,6 +228,17 @@ def test_html_answers_carry_a_strict_policy(client: FlaskClient) -> None:
     assert response.headers["Cache-Control"] == "no-store" and "Cookie" in response.headers["Vary"]
 
 
+def test_a_view_cannot_weaken_the_headers_by_setting_its_own(tmp_path: Path) -> None:
+    app = create_app({"SESSION_DIR": str(tmp_path / "s"), "SECRET_KEY": "k"}, instance_path=str(tmp_path))
+    careless = {"cache-control": "public, max-age=86400", "VARY": "Accept-Encoding", "x-content-type-options": "no"}
+    app.add_url_rule("/careless", "careless", lambda: ("cached?", careless))
+    response = app.test_client().get("/careless")
+    assert response.status_code == 200 and response.text == "cached?"
+    assert response.headers.getlist("Cache-Control") == ["no-store"]
+    assert response.headers.getlist("Vary") == ["Cookie, Accept"]
+    assert response.headers.getlist("X-Content-Type-Options") == ["nosniff"]
+
+
 def test_a_fuzz_loop_of_10000_requests_never_gets_a_5xx(serve: ServerFactory, tmp_path: Path) -> None:
     server = serve(workers=4, threads=4)
     bystander = server.new_client()

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from flask import Flask, Response, request
+from flask import Flask, request
 from werkzeug.exceptions import Forbidden
 
 from . import body
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 #: No inline script or style: the page's script and CSS are files of ours.
 CSP = (
@@ -84,28 +89,55 @@ def may_change() -> bool:
 
 
 _ALWAYS = (("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "same-origin"))
+_CSP = (("Content-Security-Policy", CSP),)
 # Answers depend on the cookie and on Accept: no shared cache may keep them.
 _PRIVATE = (("Cache-Control", "no-store"), ("Vary", "Cookie, Accept"))
+_OURS = frozenset(name.lower() for name, _ in _ALWAYS + _CSP + _PRIVATE)
+#: What is added, by (is the answer HTML, is it private).
+_ADDED = {
+    (html, private): list(_ALWAYS + (_CSP if html else ()) + (_PRIVATE if private else ()))
+    for html in (False, True)
+    for private in (False, True)
+}
 
 
-def add_headers(response: Response) -> Response:
-    """Set the headers that keep answers private and uninterpreted."""
-    # Plain assignments: this runs on every request, and parsing Vary back
-    # into a set (response.vary) cost more than the rest of the hook.
-    headers = response.headers
-    for name, value in _ALWAYS:
-        headers[name] = value
-    if response.mimetype == "text/html":
-        headers["Content-Security-Policy"] = CSP
+def with_headers(headers: list[tuple[str, str]], status: str, static: bool) -> list[tuple[str, str]]:
+    """Return ``headers`` with ours in place of any of the same names."""
+    kept = []
+    html = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower in _OURS:
+            continue
+        if lower == "content-type":
+            html = value.partition(";")[0].strip().lower() == "text/html"
+        kept.append((name, value))
     # Static files are the same for everyone and may be cached; an error on a
     # static path (a missing file) is rendered per Accept like any other error.
-    if request.endpoint != "static" or response.status_code >= 400:
-        for name, value in _PRIVATE:
-            headers[name] = value
-    return response
+    kept += _ADDED[html, not static or int(status[:3]) >= 400]
+    return kept
+
+
+def _headers_added(wsgi_app: WSGIApplication, static_prefix: str) -> WSGIApplication:
+    """Wrap the app to add the headers to every answer as it starts."""
+
+    # Added to the WSGI list as the answer starts, not to the Response in an
+    # after_request hook: werkzeug checks and copies each header it holds, and
+    # Flask's call of a hook cost more than the headers themselves.  This also
+    # covers every answer, including those no hook sees.
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        # Flask serves static files from one rule, <static_url_path>/<filename>.
+        static = environ.get("PATH_INFO", "").startswith(static_prefix)
+
+        def respond(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], object]:
+            return start_response(status, with_headers(headers, status, static), exc_info)
+
+        return wsgi_app(environ, respond)
+
+    return app
 
 
 def init_app(app: Flask) -> None:
-    """Register the request checks and header hooks."""
+    """Register the request checks, and add the headers to every answer."""
     app.before_request(check_request)
-    app.after_request(add_headers)
+    app.wsgi_app = _headers_added(app.wsgi_app, f"{app.static_url_path}/")  # type: ignore[method-assign,assignment]

@@ -174,7 +174,7 @@ class TallySessionInterface(ServerSideSessionInterface):
         assert isinstance(session, TallySession)
         if session.modified:
             self._upsert_session(app.permanent_session_lifetime, session, self._get_store_id(session.sid))
-        # Vary: Cookie is on every answer already (security.add_headers).
+        # Vary: Cookie is on every answer already (security.with_headers).
         if session.stored:
             response.headers.add("Set-Cookie", self._cookie(app, session.sid))
 
