@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from typing import IO
 
-from flask import request
+from flask import Request
 from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import BadRequest, ClientDisconnected, RequestEntityTooLarge
 
@@ -13,7 +13,7 @@ from werkzeug.exceptions import BadRequest, ClientDisconnected, RequestEntityToo
 _READ_SIZE = 64 * 1024
 
 
-def read_whole() -> None:
+def read_whole(request: Request) -> None:
     """Read the body now: a malformed, oversized or cut-short one is a 4xx before any change.
 
     Werkzeug alone does not catch these under gunicorn, which marks its input as

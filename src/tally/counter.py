@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from functools import wraps
-from typing import ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
-from flask import current_app, request, session
+from flask import Flask, current_app, request, session
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import BadRequest
 
@@ -57,20 +57,25 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _uses_store(fn: Callable[P, R]) -> Callable[P, R]:
-    """Mark a function that works on the store: its success shows that a storage fault cleared."""
+def _uses_store(fn: Callable[Concatenate[Flask, P], R]) -> Callable[P, R]:
+    """Mark a function that works on the store: its success shows that a storage fault cleared.
+
+    The function is given the app, looked up once: each look through the
+    ``current_app`` proxy costs as much as the function's own arithmetic.
+    """
 
     @wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        result = fn(*args, **kwargs)
-        faults.worked()
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
+        result = fn(app, *args, **kwargs)
+        faults.worked(app)
         return result
 
     return wrapper
 
 
-def _interface() -> TallySessionInterface:
-    interface = current_app.session_interface
+def _interface(app: Flask) -> TallySessionInterface:
+    interface = app.session_interface
     assert isinstance(interface, TallySessionInterface)
     return interface
 
@@ -83,42 +88,42 @@ def _session() -> TallySession:
 
 def store() -> Store:
     """Return the app's store."""
-    return _interface().store
+    return _interface(current_app).store
 
 
 @_uses_store
-def read() -> int:
+def read(app: Flask) -> int:
     """Return this client's counter; never writes."""
     return integer_field(_session(), "counter")
 
 
 @_uses_store
-def add(step: int) -> int:
+def add(app: Flask, step: int) -> int:
     """Atomically add ``step`` to this client's counter and return the new value."""
     try:
-        return _interface().add(current_app, _session(), "counter", step)
+        return _interface(app).add(app, _session(), "counter", step)
     except OutOfRange as exc:
         raise BadRequest("the counter would leave the signed 64-bit range; it is unchanged") from exc
 
 
 @_uses_store
-def reset() -> None:
+def reset(app: Flask) -> None:
     """Set this client's counter to 0, creating its session if it has none.
 
     Created, not skipped: a script that resets first and then increments from
     many threads with one cookie jar needs the cookie from the reset, or each
     thread's first increment would make a session of its own.
     """
-    _interface().update(current_app, _session(), lambda record: record | {"counter": 0})
+    _interface(app).update(app, _session(), lambda record: record | {"counter": 0})
 
 
 @_uses_store
-def read_global() -> int:
+def read_global(app: Flask) -> int:
     """Return the counter shared by every client."""
-    return store().read_global()
+    return _interface(app).store.read_global()
 
 
 @_uses_store
-def increment_global() -> int:
+def increment_global(app: Flask) -> int:
     """Atomically take the next global number."""
-    return store().increment_global()
+    return _interface(app).store.increment_global()

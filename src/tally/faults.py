@@ -61,19 +61,19 @@ class FaultLog:
             )  # fmt: skip
 
 
-def _log() -> FaultLog:
-    log_: FaultLog = current_app.extensions["tally.faults"]
+def _log(app: Flask) -> FaultLog:
+    log_: FaultLog = app.extensions["tally.faults"]
     return log_
 
 
 def report(exc: StorageError) -> None:
     """Count and, at the start of a fault, log a failed storage operation."""
-    _log().failed(exc)
+    _log(current_app).failed(exc)
 
 
-def worked() -> None:
-    """Note that a storage operation worked, which may clear a fault."""
-    _log().succeeded()
+def worked(app: Flask) -> None:
+    """Note that a storage operation of ``app``'s worked, which may clear a fault."""
+    _log(app).succeeded()
 
 
 def init_app(app: Flask) -> None:

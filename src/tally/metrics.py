@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, Response, request
+from flask import Flask, Request, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -51,49 +51,49 @@ def storage_failed(exc: StorageError) -> None:
     STORAGE_ERRORS.labels(exc.kind).inc()
 
 
-#: Where the moment a request reached the app is kept, in its WSGI environ.
-_STARTED = "tally.started"
-
-
-def _timed(wsgi_app: WSGIApplication) -> WSGIApplication:
-    """Wrap the app to note when each request reaches it, for the latency histogram."""
-
-    # Not a before_request hook keeping it in flask.g: Flask's call of a hook and
-    # the two look-ups through g's proxy cost more than the rest of the timing.
-    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        environ[_STARTED] = time.perf_counter()
-        return wsgi_app(environ, start_response)
-
-    return app
-
-
 #: Methods counted by name; any other is counted as "other", or a client
 #: inventing methods would add a series to every worker's files each time.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 @lru_cache(maxsize=256)
-def _children(route: str, method: str, status: int) -> tuple[Any, Any]:
+def _children(route: str, method: str, status: str) -> tuple[Any, Any]:
     # labels() validates and looks up under a lock on every call, a fifth of
-    # this hook's cost; the set of (route, method, status) is small, and
-    # bounded here anyway.
-    return REQUESTS.labels(route, method, str(status)), LATENCY.labels(route)
+    # the cost of counting a request; the set of (route, method, status) is
+    # small, and bounded here anyway.
+    return REQUESTS.labels(route, method, status), LATENCY.labels(route)
 
 
-def _observe(response: Response) -> Response:
-    # The request itself, not the proxy, which would resolve it on every look.
-    req = request._get_current_object()  # type: ignore[attr-defined]
-    # The rule, not the path: paths are unbounded, and would be labels.
-    rule = req.url_rule
-    method = req.method
+def observe(environ: WSGIEnvironment, status: str, seconds: float) -> None:
+    """Count an answer and its time, labelled by the route it matched, its method and its status."""
+    # The Request that Flask made for this environ (werkzeug keeps it there):
+    # its rule, not its path, since paths are unbounded and would be labels.
+    request = environ.get("werkzeug.request")
+    rule = request.url_rule if isinstance(request, Request) else None
+    method = environ.get("REQUEST_METHOD", "")
     requests, latency = _children(
-        rule.rule if rule else "unmatched", method if method in _METHODS else "other", response.status_code
+        rule.rule if rule else "unmatched", method if method in _METHODS else "other", status[:3]
     )
     requests.inc()
-    started = req.environ.get(_STARTED)
-    if started is not None:
-        latency.observe(time.perf_counter() - started)
-    return response
+    latency.observe(seconds)
+
+
+def _counted(wsgi_app: WSGIApplication) -> WSGIApplication:
+    """Wrap the app to count and time each answer as it starts."""
+
+    # Not after_request hooks: Flask's call of a hook and the look-ups through
+    # its request proxy cost more than counting.  This also times the whole
+    # request, session save included, and counts answers that no hook sees.
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        started = time.perf_counter()
+
+        def respond(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], object]:
+            observe(environ, status, time.perf_counter() - started)
+            return start_response(status, headers, exc_info)
+
+        return wsgi_app(environ, respond)
+
+    return app
 
 
 def exposition() -> Response:
@@ -109,8 +109,7 @@ def exposition() -> Response:
 
 def init_app(app: Flask) -> None:
     """Time and count every request, and watch the store."""
-    app.wsgi_app = _timed(app.wsgi_app)  # type: ignore[method-assign,assignment]
-    app.after_request(_observe)
+    app.wsgi_app = _counted(app.wsgi_app)  # type: ignore[method-assign,assignment]
     interface = app.session_interface
     assert isinstance(interface, TallySessionInterface)
     store = interface.store

@@ -30,7 +30,7 @@ def healthz() -> Response | tuple[Response, int, dict[str, str]]:
         report(exc)
         body = {"status": "unavailable", "store": store.name, "kind": exc.kind, "reason": exc.message}
         return jsonify(body), 503, {"Retry-After": str(RETRY_AFTER_SECONDS)}
-    worked()
+    worked(current_app)
     warnings = store.warnings()
     return jsonify(status="ok", store=store.name, **({"warnings": warnings} if warnings else {}))
 

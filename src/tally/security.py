@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from flask import Flask, request
+from flask import Flask, Request, request
 from werkzeug.exceptions import Forbidden
 
 from . import body
@@ -41,11 +41,11 @@ def _origin(url: str) -> tuple[str, str, int] | None:
     return parts.scheme, parts.hostname, port
 
 
-def is_cross_site() -> bool:
-    """Whether a browser says this request came from another site."""
+def is_cross_site(req: Request) -> bool:
+    """Whether a browser says request ``req`` came from another site."""
     # Read from the WSGI environ, as request.headers would, without building the
     # header map on every request.
-    environ = request.environ
+    environ = req.environ
     if environ.get("HTTP_SEC_FETCH_SITE") == "cross-site":
         return True
     # An Origin is foreign unless scheme, host and port all match ours exactly:
@@ -55,22 +55,24 @@ def is_cross_site() -> bool:
     if origin is None:
         return False
     theirs = _origin(origin)
-    return theirs is None or theirs != _origin(request.host_url.rstrip("/"))
+    return theirs is None or theirs != _origin(req.host_url.rstrip("/"))
 
 
 def check_request() -> None:
     """Before any view: read and check the body, then refuse a cross-site POST."""
     # One hook, not two: Flask pays for each hook it calls, on every request.
     # The body first: a malformed or cut-short one is a 400 whatever else holds.
-    body.read_whole()
-    refuse_cross_site()
+    # The request itself, not the proxy, which would look it up on every use.
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    body.read_whole(req)
+    refuse_cross_site(req)
 
 
-def refuse_cross_site() -> None:
+def refuse_cross_site(req: Request) -> None:
     """Refuse a POST (or other unsafe method) that a browser sent from another site."""
     # Every POST here changes a counter.  A GET that would is refused by
     # may_change() in its view, which alone knows (GET / shows a browser the page).
-    if request.method not in _SAFE_METHODS and is_cross_site():
+    if req.method not in _SAFE_METHODS and is_cross_site(req):
         raise CrossSiteRequest()
 
 
@@ -81,9 +83,10 @@ def may_change() -> bool:
     link there to /inc?by=1000 would otherwise count for the visitor.  Scripts
     send no Sec-Fetch-Site and no Origin, and are not a CSRF vector.
     """
-    if request.method == "HEAD":
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    if req.method == "HEAD":
         return False  # a HEAD promises GET's answer without GET's effect
-    if is_cross_site():
+    if is_cross_site(req):
         raise CrossSiteRequest()
     return True
 
