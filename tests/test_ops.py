@@ -114,6 +114,18 @@ def test_metrics_count_every_request_whichever_worker_answers(serve: ServerFacto
     )
 
 
+def test_the_latency_histogram_holds_each_request_s_own_time(client: FlaskClient) -> None:
+    def latency() -> dict[tuple[tuple[str, str], ...], float]:
+        return samples(client.get("/metrics").text, "tally_request_duration_seconds_sum")
+
+    key = (("route", "/inc"),)
+    before = latency().get(key, 0.0)
+    started = time.perf_counter()
+    assert client.get("/inc").status_code == 200
+    elapsed = time.perf_counter() - started
+    assert 0 < latency()[key] - before <= elapsed
+
+
 def test_storage_errors_are_counted_by_kind(tmp_path: Path) -> None:
     app = create_app(
         {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "REDIS_TIMEOUT": 0.5, "SECRET_KEY": "k"},
