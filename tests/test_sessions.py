@@ -61,6 +61,22 @@ def test_the_cookie_follows_flasks_cookie_settings(tmp_path: Path) -> None:
     assert (sent["domain"], sent["path"]) == ("tally.example", "/counters")
 
 
+def test_one_interface_sends_each_app_its_own_cookie_within_the_same_second(tmp_path: Path) -> None:
+    # The interface keeps no app: it serves whichever app calls it, and its
+    # cookie header, made once a second, must be that app's.
+    first = create_app({"SESSION_DIR": str(tmp_path / "s")}, instance_path=str(tmp_path))
+    second = create_app(
+        {"SESSION_DIR": str(tmp_path / "s"), "SESSION_COOKIE_NAME": "other"}, instance_path=str(tmp_path)
+    )
+    second.session_interface = first.session_interface
+    for _ in range(3):  # three tries: the second may turn between the two requests
+        start = int(time.time())
+        names = [SimpleCookie(a.test_client().get("/inc").headers["Set-Cookie"]).keys() for a in (first, second)]
+        if int(time.time()) == start:
+            break
+    assert [list(n) for n in names] == [["session"], ["other"]]
+
+
 @pytest.fixture
 def local_time_far_from_utc() -> Iterator[None]:
     """The process's local time zone ten hours behind UTC, for one test."""

@@ -128,8 +128,8 @@ class TallySessionInterface(ServerSideSessionInterface):
         self.before_create: Callable[[], None] = lambda: None
         #: Called when a new session is first stored.
         self.on_created: Callable[[], None] = lambda: None
-        #: (second, cookie settings, the header before the id, the header after it): see _cookie.
-        self._cookie_parts: tuple[int, tuple[Any, ...], str, str] | None = None
+        #: (second, app, the header before the id, the header after it): see _cookie.
+        self._cookie_parts: tuple[int, Flask, str, str] | None = None
 
     def open_session(self, app: Flask, request: Request) -> TallySession:
         """Take the client's session id, to be loaded when first needed."""
@@ -184,20 +184,20 @@ class TallySessionInterface(ServerSideSessionInterface):
         # but the id is the same for a whole second: the expiry is in whole
         # seconds.  So it is called once a second, with an empty value, and the
         # id goes in after the name (an id is URL-safe, which needs no quoting).
+        # The cookie settings are read from the app's config then too.
         now = int(time.time())
-        settings = (
-            self.get_cookie_name(app), app.permanent_session_lifetime, self.get_cookie_domain(app),
-            self.get_cookie_path(app), self.get_cookie_secure(app), self.get_cookie_httponly(app),
-            self.get_cookie_samesite(app),
-        )  # fmt: skip
         cached = self._cookie_parts
-        if cached is None or cached[0] != now or cached[1] != settings:
-            name, lifetime, domain, path, secure, httponly, samesite = settings
+        if cached is None or cached[0] != now or cached[1] is not app:
+            name, lifetime, domain, path, secure, httponly, samesite = (
+                self.get_cookie_name(app), app.permanent_session_lifetime, self.get_cookie_domain(app),
+                self.get_cookie_path(app), self.get_cookie_secure(app), self.get_cookie_httponly(app),
+                self.get_cookie_samesite(app),
+            )  # fmt: skip
             expires = datetime.fromtimestamp(now, UTC) + lifetime
             header = dump_cookie(name, "", expires=expires, path=path, domain=domain, secure=secure,
                                  httponly=httponly, samesite=samesite)  # fmt: skip
             split = header.index("=") + 1
-            cached = self._cookie_parts = (now, settings, header[:split], header[split:])
+            cached = self._cookie_parts = (now, app, header[:split], header[split:])
         return cached[2] + sid + cached[3]
 
     def _upsert_session(self, session_lifetime: timedelta, session: ServerSideSession, store_id: str) -> None:
