@@ -48,7 +48,8 @@ STAGES: list[tuple[str, str, str]] = [
     ("cookie", "werkzeug.sansio.response:Response", "set_cookie"),  # what versions before 9dbcf5a called
     ("session save, without cookie", "tally.sessions:TallySessionInterface", "save_session"),
     ("metrics", "tally.metrics", "_started"),  # a hook until the WSGI wrapper, which is not timed
-    ("metrics", "tally.metrics", "_observe"),
+    ("metrics", "tally.metrics", "_observe"),  # a hook until metrics were counted in WSGI
+    ("metrics", "tally.metrics", "observe"),
     ("security headers", "tally.security", "add_headers"),  # a hook until they were added in WSGI
     ("security headers", "tally.security", "with_headers"),
     ("WSGI response", "werkzeug.wrappers.response:Response", "__call__"),
