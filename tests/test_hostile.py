@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 import pytest
 import requests
-from flask import Flask
+from flask import Flask, Response
 from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -230,13 +230,18 @@ def test_html_answers_carry_a_strict_policy(client: FlaskClient) -> None:
 
 def test_a_view_cannot_weaken_the_headers_by_setting_its_own(tmp_path: Path) -> None:
     app = create_app({"SESSION_DIR": str(tmp_path / "s"), "SECRET_KEY": "k"}, instance_path=str(tmp_path))
-    careless = {"cache-control": "public, max-age=86400", "VARY": "Accept-Encoding", "x-content-type-options": "no"}
+    careless = {"cache-control": "public, max-age=86400", "VARY": "Accept-Encoding", "x-content-type-options": "no",
+                "X-Their-Own": "kept"}  # fmt: skip
     app.add_url_rule("/careless", "careless", lambda: ("cached?", careless))
-    response = app.test_client().get("/careless")
+    app.add_url_rule("/bare-html", "bare_html", lambda: Response("<p>hi</p>", content_type="text/html"))
+    client = app.test_client()
+    response = client.get("/careless")
     assert response.status_code == 200 and response.text == "cached?"
     assert response.headers.getlist("Cache-Control") == ["no-store"]
     assert response.headers.getlist("Vary") == ["Cookie, Accept"]
     assert response.headers.getlist("X-Content-Type-Options") == ["nosniff"]
+    assert response.headers["X-Their-Own"] == "kept"
+    assert "script-src 'self'" in client.get("/bare-html").headers["Content-Security-Policy"], "HTML with no charset"
 
 
 def test_a_fuzz_loop_of_10000_requests_never_gets_a_5xx(serve: ServerFactory, tmp_path: Path) -> None:
