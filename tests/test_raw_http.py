@@ -106,6 +106,17 @@ def test_a_well_formed_chunked_body_counts(server: Server) -> None:
     assert exchange(server, post_chunked(chunked(b"by=3"), cookie)).text == "counter is 4"
 
 
+def test_cookie_bytes_that_are_not_utf8_keep_the_session(server: Server) -> None:
+    # A browser sends UTF-8, but the header is bytes: werkzeug's cookie parser
+    # raises on others, which was a 500 before any view ran.
+    cookie = server.new_client()
+    for header in (f"theme=\xff\xfe; session={cookie}", "session=\x80\xff"):  # written out as latin-1 bytes
+        answer = exchange(server, message("GET", "/inc", [("Accept", CURL), ("Cookie", header)]))
+        assert answer.status == 200, header
+    assert counter(server, cookie) == "counter is 2"  # the first kept the session; the second made a fresh one
+    assert_no_error_logged(server)
+
+
 def test_the_body_limit_holds_for_chunked_bodies(server: Server) -> None:
     cookie = server.new_client()
     at_limit = b"by=3&pad=" + b"x" * (MAX_CONTENT_LENGTH - 9)

@@ -172,6 +172,20 @@ def test_an_unknown_or_garbage_cookie_starts_a_fresh_session(app: Flask, client:
         client.delete_cookie("session")
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        "session={}", "theme=dark; session={}", "session={}; theme=dark", 'session="{}"', "session={}; session=other",
+        "theme=\xff\xfe; session={}",  # bytes that are not UTF-8, as a WSGI server hands them on
+    ],
+)  # fmt: skip
+def test_the_session_cookie_is_found_among_others_and_quoted(app: Flask, header: str) -> None:
+    sid = app.test_client().get("/inc?by=7").headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
+    # Without a cookie jar: the test client's own would replace the header.
+    response = app.test_client(use_cookies=False).get("/inc", headers={"Cookie": header.format(sid)})
+    assert response.text == "counter is 8" and sid in response.headers["Set-Cookie"]
+
+
 def test_session_files_are_private_and_hold_no_pickle(app: Flask, client: FlaskClient) -> None:
     client.get("/inc?by=3")
     folder = Path(app.config["SESSION_DIR"])

@@ -34,8 +34,22 @@ from .store import Record, Store
 #: Flask-Session's ids are ``secrets.token_urlsafe(32)``: 43 URL-safe chars.
 #: Anything else (huge, odd charset, path-looking) is treated as no cookie.
 _SID = re.compile(r"[A-Za-z0-9_-]{43}")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 Loader = Callable[[], Record | None]
+
+
+def _cookie_value(header: str, name: str) -> str:
+    """The value of cookie ``name`` in a Cookie header, as werkzeug reads it ("" if none)."""
+    # Straight from the header: request.cookies would also build the header
+    # map and an immutable multi-dict of every cookie, to read one.
+    try:
+        return parse_cookie(header).get(name, "")
+    except UnicodeError:
+        # werkzeug reads the header's bytes as UTF-8 and raises on any other
+        # (a 500, before any view).  An id is ASCII: any other character need
+        # only stay out of it, and "?" is no character of an id.
+        return parse_cookie(_NON_ASCII.sub("?", header)).get(name, "")
 
 
 def lifetime_seconds(app: Flask) -> int:
@@ -133,9 +147,7 @@ class TallySessionInterface(ServerSideSessionInterface):
 
     def open_session(self, app: Flask, request: Request) -> TallySession:
         """Take the client's session id, to be loaded when first needed."""
-        # Straight from the environ: request.cookies builds the header map and an
-        # immutable multi-dict of every cookie, to read one.
-        sid = parse_cookie(request.environ).get(self.get_cookie_name(app), "")
+        sid = _cookie_value(request.environ.get("HTTP_COOKIE", ""), self.get_cookie_name(app))
         if _SID.fullmatch(sid):
             store_id = self._get_store_id(sid)
             return TallySession(sid, lambda: self.store.load(store_id))
