@@ -16,7 +16,9 @@ import pytest
 import redis
 from flask import Flask, jsonify, session
 from flask.testing import FlaskClient
-from werkzeug.http import parse_date
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from werkzeug.http import parse_cookie, parse_date
 from werkzeug.wrappers import Response
 
 from conftest import CHROMIUM, session_files_in
@@ -184,6 +186,37 @@ def test_the_session_cookie_is_found_among_others_and_quoted(app: Flask, header:
     # Without a cookie jar: the test client's own would replace the header.
     response = app.test_client(use_cookies=False).get("/inc", headers={"Cookie": header.format(sid)})
     assert response.text == "counter is 8" and sid in response.headers["Set-Cookie"]
+
+
+_SID_TEXT = st.text(st.sampled_from("AZaz09_-"), min_size=42, max_size=44)
+#: What a WSGI server hands on: the header's bytes, each as one character.
+_LATIN1 = st.text(st.characters(max_codepoint=255), max_size=50)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    name=st.sampled_from(["session", "tally"]),
+    parts=st.lists(
+        st.one_of(
+            st.tuples(st.sampled_from(["session", "tally", "sessio", "sessionx", " session"]), _SID_TEXT),
+            st.tuples(st.text(st.characters(max_codepoint=255), max_size=8), _LATIN1),
+        ),
+        max_size=3,
+    ),
+    joiner=st.sampled_from(["; ", ";", ", ", " "]),
+    quote=st.booleans(),
+)
+def test_a_cookie_header_is_read_as_werkzeug_reads_it(
+    name: str, parts: list[tuple[str, str]], joiner: str, quote: bool
+) -> None:
+    # The usual header is read without werkzeug's parser: every header must
+    # still give the value werkzeug would, so that no client's session is lost.
+    header = joiner.join(f'{k}="{v}"' if quote else f"{k}={v}" for k, v in parts)
+    try:
+        expected = parse_cookie(header).get(name, "")
+    except UnicodeDecodeError:  # not UTF-8: werkzeug gives up; read as if each other byte were "?"
+        expected = parse_cookie("".join(c if c < "\x80" else "?" for c in header)).get(name, "")
+    assert sessions._cookie_value(header, name) == expected
 
 
 def test_session_files_are_private_and_hold_no_pickle(app: Flask, client: FlaskClient) -> None:
