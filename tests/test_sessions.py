@@ -188,12 +188,11 @@ def test_the_session_cookie_is_found_among_others_and_quoted(app: Flask, header:
     assert response.text == "counter is 8" and sid in response.headers["Set-Cookie"]
 
 
+#: Cookie names near the session's, and values near an id (42 to 44 of its characters).
+_NAMES = st.sampled_from(["session", "tally", "sessio", "sessionx", " session"])
 _SID_TEXT = st.text(st.sampled_from("AZaz09_-"), min_size=42, max_size=44)
 #: What a WSGI server hands on: the header's bytes, each as one character.
 _LATIN1 = st.text(st.characters(max_codepoint=255), max_size=50)
-
-
-_NAMES = st.sampled_from(["session", "tally", "sessio", "sessionx", " session"])
 
 
 @settings(max_examples=500, deadline=None)
