@@ -326,6 +326,31 @@ def test_prune_keeps_a_session_written_between_its_read_and_its_removal(
     assert [store.load(key) for key in keys] == [{"counter": 7}, None] * 3
 
 
+def test_prune_counts_a_file_gone_before_its_judgement_neither_removed_nor_kept_and_a_busy_one_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another prune (from cron, beside one run by hand) or a quarantine removes
+    # some of the files this prune listed as candidates, before it judges them.
+    store, keys = _six_expired_sessions(tmp_path)
+    taken = {store.cache.path_for(key) for key in keys[::2]}
+    real_prune_file = store.cache.prune_file
+
+    def taken_first(path: str) -> int | None:
+        if path in taken:
+            os.unlink(path)
+        return real_prune_file(path)
+
+    monkeypatch.setattr(store.cache, "prune_file", taken_first)
+    # One more is busy: a writer holds its lock, so it is in use, and kept.
+    busy = os.open(store.cache.path_for(keys[1]), os.O_RDWR)
+    fcntl.flock(busy, fcntl.LOCK_EX)
+    try:
+        report = store.prune(lifetime=1)
+    finally:
+        os.close(busy)
+    assert (report.removed, report.kept, report.bytes_freed) == (2, 1, 2 * 4096)
+
+
 def test_prune_judges_each_candidate_again_once_it_holds_the_lock(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from pytest_redis.executor.process import RedisExecutor
 
 from conftest import Server, ServerFactory, session_files_in
 from tally import create_app
+from tally.store.files import RecordFileCache
 
 
 def _fresh(server: Server, **headers: str) -> requests.Response:
@@ -72,6 +74,27 @@ def test_prune_removes_the_per_address_counts_whose_minute_has_passed(
     assert "removed 0 expired sessions, kept 3" in result.output
     assert "removed 3 expired per-address counts of new sessions, kept 0" in result.output
     assert session_files_in(counts) == []
+
+
+def test_a_count_removed_meanwhile_is_neither_removed_nor_kept_by_the_sweep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app({"SECRET_KEY": "k", "NEW_SESSIONS_PER_MINUTE": 5}, instance_path=str(tmp_path))
+    for n in range(3):
+        assert app.test_client().get("/inc", environ_base={"REMOTE_ADDR": f"192.0.2.{n}"}).status_code == 200
+    first = str(session_files_in(tmp_path / "sessions" / "quotas")[0])
+    real_prune_file = RecordFileCache.prune_file
+
+    def another_sweep_took_it(self: RecordFileCache, path: str) -> int | None:
+        if path == first:
+            os.unlink(path)  # another prune swept it after this one listed it
+        return real_prune_file(self, path)
+
+    monkeypatch.setattr(RecordFileCache, "prune_file", another_sweep_took_it)
+    later = time.time() + 120
+    monkeypatch.setattr(time, "time", lambda: later)
+    result = app.test_cli_runner().invoke(args=["sessions", "prune"])
+    assert "removed 2 expired per-address counts of new sessions, kept 0" in result.output, result.output
 
 
 def test_the_store_cap_refuses_new_sessions_with_507_and_keeps_the_old_counting(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from werkzeug.exceptions import TooManyRequests
 
 from .sessions import TallySessionInterface
 from .store import StorageError, Store
-from .store.files import RecordFileCache
+from .store.files import GONE, RecordFileCache
 
 #: How long a count of the stored sessions stands before it is taken again.
 COUNT_SECONDS = 10.0
@@ -103,9 +103,10 @@ class FileQuotaStorage(Storage):
         """
         removed = kept = 0
         for entry in self.cache.session_files():
-            if self.cache.prune_file(entry.path) is None:
+            freed = self.cache.prune_file(entry.path)
+            if freed is None:
                 kept += 1
-            else:
+            elif freed != GONE:
                 removed += 1
         return removed, kept
 

@@ -67,6 +67,10 @@ PRUNE_THREADS = 4
 #: Below this much free space, /healthz reports the disk as full.
 MIN_FREE_BYTES = 64 * 1024
 QUARANTINE_DIR = "quarantine"
+#: What :meth:`RecordFileCache.prune_file` returns for a file that was gone
+#: before it could be judged (another prune, a quarantine): neither removed by
+#: this prune nor kept.
+GONE = -1
 
 log = logging.getLogger(__name__)
 
@@ -314,13 +318,15 @@ class RecordFileCache(FileSystemCache):
     def prune_file(self, path: str) -> int | None:
         """Unlink ``path`` if it holds no live session; return the bytes freed.
 
-        Returns None when the session is kept: live, absent, or busy with a
-        writer (a writer means it is in use).  A corrupt file is quarantined.
+        Returns None when the session is kept: live, or busy with a writer (a
+        writer means it is in use); and :data:`GONE` when the file was no
+        longer there to judge.  A corrupt file is quarantined.
         """
         try:
             fd = self._open_locked(path, create=False, block=False)
             if fd is None:
-                return None
+                # Absent, busy, or unlinked as it was opened: only a busy one is still there.
+                return None if os.path.lexists(path) else GONE
             try:
                 # Judged under the lock: a request may have written just now.
                 size = os.fstat(fd).st_blocks * 512
@@ -450,7 +456,7 @@ class FileStore(Store):
                 for freed in pool.map(self.cache.prune_file, candidates):
                     if freed is None:
                         report.kept += 1
-                    else:
+                    elif freed != GONE:
                         report.removed += 1
                         report.bytes_freed += freed
                 if progress and report.kept + report.removed >= next_progress:
