@@ -295,12 +295,14 @@ def test_the_fsync_setting_fsyncs_each_write(
 
 
 def _six_expired_sessions(tmp_path: Path) -> tuple[files.FileStore, list[str]]:
-    """A file store holding six sessions, each written once with a 1 s lifetime that has passed."""
+    """A file store holding six sessions, each written once, an hour ago, with a 1 s lifetime."""
     store = files.FileStore(str(tmp_path / "s"))
     keys = [f"session:{n:043d}" for n in range(6)]
-    for key in keys:
-        store.add(key, "counter", 1, 1)
-    time.sleep(1.1)
+    an_hour_ago = time.time() - 3600
+    with pytest.MonkeyPatch.context() as past:  # rather than sleep past the lifetime
+        past.setattr(time, "time", lambda: an_hour_ago)
+        for key in keys:
+            store.add(key, "counter", 1, 1)
     return store, keys
 
 
@@ -341,13 +343,24 @@ def test_prune_counts_a_file_gone_before_its_judgement_neither_removed_nor_kept_
         return real_prune_file(path)
 
     monkeypatch.setattr(store.cache, "prune_file", taken_first)
-    # One more is busy: a writer holds its lock, so it is in use, and kept.
-    busy = os.open(store.cache.path_for(keys[1]), os.O_RDWR)
-    fcntl.flock(busy, fcntl.LOCK_EX)
-    try:
+    # One more is busy: a writer holds its lock, so it is in use, and kept.  The
+    # writer lets go after 5 s at most, so a prune that waited for it would go
+    # on, remove it, and fail the counts rather than hang.
+    locked, done = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        fd = os.open(store.cache.path_for(keys[1]), os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        locked.set()
+        done.wait(5)
+        os.close(fd)
+
+    with ThreadPoolExecutor(1) as pool:
+        holding = pool.submit(writer)
+        assert locked.wait(5)
         report = store.prune(lifetime=1)
-    finally:
-        os.close(busy)
+        done.set()
+        holding.result()
     assert (report.removed, report.kept, report.bytes_freed) == (2, 1, 2 * 4096)
 
 
