@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from flask import Flask
 from pytest_redis.executor.process import RedisExecutor
 
 from conftest import Server, ServerFactory, session_files_in
@@ -57,12 +58,18 @@ def test_an_ipv6_client_is_counted_by_its_64_not_by_each_address(serve: ServerFa
     assert _fresh(server, **{"X-Forwarded-For": "::ffff:203.0.113.7"}).status_code == 200, "IPv4, mapped"
 
 
-def test_prune_removes_the_per_address_counts_whose_minute_has_passed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _three_addresses_counted(tmp_path: Path) -> Flask:
+    """An app with a quota on files, after a new session from each of three addresses."""
     app = create_app({"SECRET_KEY": "k", "NEW_SESSIONS_PER_MINUTE": 5}, instance_path=str(tmp_path))
     for n in range(3):
         assert app.test_client().get("/inc", environ_base={"REMOTE_ADDR": f"192.0.2.{n}"}).status_code == 200
+    return app
+
+
+def test_prune_removes_the_per_address_counts_whose_minute_has_passed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = _three_addresses_counted(tmp_path)
     counts = tmp_path / "sessions" / "quotas"
     assert len(session_files_in(counts)) == 3, "a count per address"
     runner = app.test_cli_runner()
@@ -79,9 +86,7 @@ def test_prune_removes_the_per_address_counts_whose_minute_has_passed(
 def test_a_count_removed_meanwhile_is_neither_removed_nor_kept_by_the_sweep(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    app = create_app({"SECRET_KEY": "k", "NEW_SESSIONS_PER_MINUTE": 5}, instance_path=str(tmp_path))
-    for n in range(3):
-        assert app.test_client().get("/inc", environ_base={"REMOTE_ADDR": f"192.0.2.{n}"}).status_code == 200
+    app = _three_addresses_counted(tmp_path)
     first = str(session_files_in(tmp_path / "sessions" / "quotas")[0])
     real_prune_file = RecordFileCache.prune_file
 
