@@ -292,6 +292,20 @@ def test_a_500_carries_no_store_and_vary(app: Flask) -> None:
         assert {"Cookie", "Accept"} <= {v.strip() for v in response.headers["Vary"].split(",")}
 
 
+@pytest.mark.parametrize("accept", ["*/*", CHROMIUM, "application/json"])
+def test_a_host_that_trusted_hosts_refuses_is_a_400_for_a_browser_too(tmp_path: Path, accept: str) -> None:
+    # Flask's own setting: its refusal leaves no URL adapter, and a page built links with one (a 500).
+    app = create_app({"TRUSTED_HOSTS": ["tally.example"], "SESSION_DIR": str(tmp_path / "s")}, str(tmp_path))
+    client = app.test_client()
+    refused = client.get("/inc", headers={"Host": "evil.example", "Accept": accept})
+    assert refused.status_code == 400 and "evil.example" in refused.text and "Set-Cookie" not in refused.headers
+    # A cross-site POST is judged against our host, which is the refused one.
+    cross_site = {"Host": "evil.example", "Accept": accept, "Origin": "https://evil.example"}
+    assert client.post("/inc", headers=cross_site).status_code == 400
+    assert client.post("/inc", headers=cross_site | {"Sec-Fetch-Site": "cross-site"}).status_code == 403
+    assert client.get("/inc", headers={"Host": "tally.example", "Accept": "*/*"}).text == "counter is 1"
+
+
 def test_behind_a_proxy_the_origin_check_uses_the_forwarded_scheme_and_host(tmp_path: Path) -> None:
     proxied = create_app({"SECRET_KEY": "k", "PROXY_COUNT": 1}, instance_path=str(tmp_path / "a"))
     direct = create_app({"SECRET_KEY": "k"}, instance_path=str(tmp_path / "b"))

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from flask import Flask, Response, jsonify, make_response, redirect, render_template, request, url_for
 from werkzeug.datastructures import MIMEAccept
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, SecurityError
 from werkzeug.http import parse_accept_header
 
 from . import counter
@@ -81,6 +81,10 @@ def page() -> Response:
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     """Render an error the way this request wants its answers."""
     kind = negotiate()
+    if kind == "html" and isinstance(request.routing_exception, SecurityError):
+        # A Host that TRUSTED_HOSTS refuses leaves the request no URL adapter,
+        # so the page's links (url_for) cannot be built: the answer is text.
+        kind = "text"
     if kind == "json":
         response = jsonify(error=message)
         response.status_code = status
