@@ -37,6 +37,7 @@ STAGES: list[tuple[str, str, str]] = [
     ("routing", "flask.ctx:RequestContext", "match_request"),
     ("request checks (body, cross-site)", "tally.body", "read_whole"),
     ("request checks (body, cross-site)", "tally.security", "refuse_cross_site"),
+    ("fast lane: is the request plain", "tally.lane", "is_plain"),
     ("session open", "tally.sessions:TallySessionInterface", "open_session"),
     ("store", "tally.store.files:FileStore", "update"),
     ("store", "tally.store.files:FileStore", "load"),
@@ -44,7 +45,8 @@ STAGES: list[tuple[str, str, str]] = [
     ("store", "tally.store.redis:RedisStore", "load"),
     ("rendering", "tally.render", "counter_value"),
     ("view, without store and rendering", "flask.app:Flask", "dispatch_request"),
-    ("cookie", "tally.sessions:TallySessionInterface", "_cookie"),
+    ("cookie", "tally.sessions:TallySessionInterface", "cookie_header"),
+    ("cookie", "tally.sessions:TallySessionInterface", "_cookie"),  # its name before the fast lane
     ("cookie", "werkzeug.sansio.response:Response", "set_cookie"),  # what versions before 9dbcf5a called
     ("session save, without cookie", "tally.sessions:TallySessionInterface", "save_session"),
     ("metrics", "tally.metrics", "_started"),  # a hook until the WSGI wrapper, which is not timed

@@ -9,7 +9,7 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from . import cli, config, faults, metrics, ops, quota, render, security, sessions, views
+from . import cli, config, faults, lane, metrics, ops, quota, render, security, sessions, views
 from .store import make_store
 
 
@@ -24,6 +24,7 @@ def create_app(test_config: dict[str, Any] | None = None, instance_path: str | N
         logging.getLogger(__name__).warning("%s", warning)
     app.session_interface = sessions.TallySessionInterface(store, app.config["SESSION_KEY_PREFIX"])
 
+    lane.init_app(app)  # first: the headers and metrics wrap its answers too
     security.init_app(app)
     faults.init_app(app)
     render.init_app(app)

@@ -64,16 +64,21 @@ def _children(route: str, method: str, status: str) -> tuple[Any, Any]:
     return REQUESTS.labels(route, method, status), LATENCY.labels(route)
 
 
+#: The environ key under which an answer made without Flask (the fast lane) names its route.
+ROUTE = "tally.route"
+
+
 def observe(environ: WSGIEnvironment, status: str, seconds: float) -> None:
     """Count an answer and its time, labelled by the route it matched, its method and its status."""
-    # The Request that Flask made for this environ (werkzeug keeps it there):
-    # its rule, not its path, since paths are unbounded and would be labels.
-    request = environ.get("werkzeug.request")
-    rule = request.url_rule if isinstance(request, Request) else None
+    route = environ.get(ROUTE)
+    if route is None:
+        # The Request that Flask made for this environ (werkzeug keeps it there):
+        # its rule, not its path, since paths are unbounded and would be labels.
+        request = environ.get("werkzeug.request")
+        rule = request.url_rule if isinstance(request, Request) else None
+        route = rule.rule if rule else "unmatched"
     method = environ.get("REQUEST_METHOD", "")
-    requests, latency = _children(
-        rule.rule if rule else "unmatched", method if method in _METHODS else "other", status[:3]
-    )
+    requests, latency = _children(route, method if method in _METHODS else "other", status[:3])
     requests.inc()
     latency.observe(seconds)
 

@@ -22,6 +22,8 @@ Kind = Literal["text", "json", "html"]
 _KINDS: dict[str, Kind] = {"text/plain": "text", "application/json": "json", "text/html": "html"}
 #: How long a client should wait before retrying after a storage failure.
 RETRY_AFTER_SECONDS = 5
+#: The Content-Type of every plain-text answer.
+TEXT_TYPE = "text/plain; charset=utf-8"
 
 
 def negotiate() -> Kind:
@@ -31,11 +33,12 @@ def negotiate() -> Kind:
     header get plain text, while a browser, which asks for text/html by name
     and for everything else at q<=0.9, gets HTML.
     """
-    return _kind_for(request.environ.get("HTTP_ACCEPT", ""))
+    return kind_for(request.environ.get("HTTP_ACCEPT", ""))
 
 
 @lru_cache(maxsize=256)
-def _kind_for(accept: str) -> Kind:
+def kind_for(accept: str) -> Kind:
+    """Pick text, JSON or HTML for an Accept header (see :func:`negotiate`)."""
     # Clients send a handful of distinct headers, and parsing one was a tenth
     # of a request's own time; the cache is bounded, so varied headers cost
     # only the parse.
@@ -55,12 +58,17 @@ def _answer(text: str, data: dict[str, Any], changed: bool) -> Response:
 
 
 def _text(text: str, status: int = 200) -> Response:
-    return Response(text, status, mimetype="text/plain")
+    return Response(text, status, content_type=TEXT_TYPE)
+
+
+def counter_text(value: int) -> str:
+    """This client's counter, as a plain-text answer says it."""
+    return f"counter is {value}"
 
 
 def counter_value(value: int, changed: bool) -> Response:
     """Answer with this client's counter."""
-    return _answer(f"counter is {value}", {"counter": value}, changed)
+    return _answer(counter_text(value), {"counter": value}, changed)
 
 
 def reset_done() -> Response:

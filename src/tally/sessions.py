@@ -23,13 +23,16 @@ import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Request, Response
 from flask_session.base import ServerSideSession, ServerSideSessionInterface
 from werkzeug.http import dump_cookie, parse_cookie
 
 from .store import Record, Store
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIEnvironment
 
 #: Flask-Session's ids are ``secrets.token_urlsafe(32)``: 43 URL-safe chars.
 #: Anything else (huge, odd charset, path-looking) is treated as no cookie.
@@ -149,13 +152,18 @@ class TallySessionInterface(ServerSideSessionInterface):
         self.before_create: Callable[[], None] = lambda: None
         #: Called when a new session is first stored.
         self.on_created: Callable[[], None] = lambda: None
-        #: (second, app, the header before the id, the header after it): see _cookie.
+        #: (second, app, the header before the id, the header after it): see cookie_header.
         self._cookie_parts: tuple[int, Flask, str, str] | None = None
+
+    def cookie_sid(self, app: Flask, environ: WSGIEnvironment) -> str | None:
+        """The session id in the request's cookie, or None if it has none that could be one."""
+        sid = _cookie_value(environ.get("HTTP_COOKIE", ""), self.get_cookie_name(app))
+        return sid if _SID.fullmatch(sid) else None
 
     def open_session(self, app: Flask, request: Request) -> TallySession:
         """Take the client's session id, to be loaded when first needed."""
-        sid = _cookie_value(request.environ.get("HTTP_COOKIE", ""), self.get_cookie_name(app))
-        if _SID.fullmatch(sid):
+        sid = self.cookie_sid(app, request.environ)
+        if sid is not None:
             store_id = self._get_store_id(sid)
             return TallySession(sid, lambda: self.store.load(store_id))
         return TallySession(self._generate_sid(self.sid_length))
@@ -173,6 +181,13 @@ class TallySessionInterface(ServerSideSessionInterface):
         result = write(self._get_store_id(session.sid), True)
         self.on_created()
         return result
+
+    def add_to_stored(self, app: Flask, sid: str, field: str, by: int) -> int | None:
+        """Atomically add ``by`` to an integer field of the stored session ``sid`` and return it.
+
+        None, having written nothing, when no session is stored under ``sid``.
+        """
+        return self.store.add(self._get_store_id(sid), field, by, lifetime_seconds(app), False)
 
     def add(self, app: Flask, session: TallySession, field: str, by: int) -> int:
         """Atomically add ``by`` to an integer field of the session and return it."""
@@ -195,9 +210,9 @@ class TallySessionInterface(ServerSideSessionInterface):
             self._upsert_session(app.permanent_session_lifetime, session, self._get_store_id(session.sid))
         # Vary: Cookie is on every answer already (security.with_headers).
         if session.stored:
-            response.headers.add("Set-Cookie", self._cookie(app, session.sid))
+            response.headers.add("Set-Cookie", self.cookie_header(app, session.sid))
 
-    def _cookie(self, app: Flask, sid: str) -> str:
+    def cookie_header(self, app: Flask, sid: str) -> str:
         """The Set-Cookie header for ``sid``, always permanent (reading session.permanent would load it)."""
         # werkzeug's dump_cookie cost a tenth of a request, and all it makes
         # but the id is the same for a whole second: the expiry is in whole
