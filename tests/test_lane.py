@@ -231,9 +231,20 @@ def test_a_scripts_plain_get_is_answered_without_flask(
     cookie = _known(app)
     flask_handled.clear()
     headers = {"Cookie": cookie} | ({"Accept": accept} if accept else {})
-    answers = [app.test_client(use_cookies=False).get(path, headers=headers).text for _ in range(3)]
+    empty = {} if accept else {"CONTENT_LENGTH": "0"}  # as a client that sends Content-Length: 0 on a GET
+    client = app.test_client(use_cookies=False)
+    answers = [client.get(path, headers=headers, environ_overrides=empty).text for _ in range(3)]
     step = 1 if path == "/inc" else -1
     assert answers == [f"counter is {step}", f"counter is {2 * step}", f"counter is {3 * step}"]
+    assert flask_handled == []
+
+
+def test_a_trusted_host_is_answered_without_flask(app: Flask, flask_handled: list[str]) -> None:
+    cookie = _known(app)
+    app.config["TRUSTED_HOSTS"] = ["tally.example"]
+    flask_handled.clear()
+    answer = app.test_client(use_cookies=False).get("/inc", headers={"Cookie": cookie, "Host": "tally.example"})
+    assert answer.text == "counter is 1"
     assert flask_handled == []
 
 
