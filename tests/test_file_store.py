@@ -506,30 +506,6 @@ def test_a_writer_that_waited_for_a_file_removed_meanwhile_never_writes_into_it(
     assert store.load("session:k") == (None if added is None else {"counter": added})
 
 
-def test_threads_of_one_process_take_turns_at_a_session_and_the_wait_is_counted(tmp_path: Path) -> None:
-    store = files.FileStore(str(tmp_path / "s"))
-    assert store.add("session:k", "counter", 1, 60) == 1
-    waits: list[int] = []
-    store.on_contention = lambda: waits.append(1)
-    inside, go = threading.Event(), threading.Event()
-
-    def slow(record: dict[str, Any]) -> dict[str, Any]:
-        inside.set()
-        assert go.wait(5)
-        return record | {"counter": record["counter"] + 10}
-
-    with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(store.update, "session:k", slow, 60)
-        assert inside.wait(5)
-        second = pool.submit(store.add, "session:k", "counter", 100, 60)
-        time.sleep(0.2)
-        assert not second.done(), "the second writer waits for the first"
-        go.set()
-        assert first.result(5) == {"counter": 11}
-        assert second.result(5) == 111
-    assert waits == [1], "its wait is counted once"
-
-
 def test_each_corrupt_file_is_quarantined_into_a_private_folder(app: Flask) -> None:
     folder = Path(app.config["SESSION_DIR"])
     clients = [app.test_client() for _ in range(2)]

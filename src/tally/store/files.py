@@ -31,7 +31,6 @@ import logging
 import os
 import re
 import struct
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -145,17 +144,6 @@ def _live(slot: _Slot | None, now: float) -> bool:
     return slot is not None and (slot.expires == 0 or slot.expires > now)
 
 
-#: Locks in front of the file locks, for the threads of one process: a
-#: session's writers in one process queue here, so that at most one of them at
-#: a time waits in flock, against other processes.  Measured under gthread
-#: workers with one cookie shared by every connection, in alternating runs:
-#: 0.85 to 1.03 of separate cookies' rate with them, 0.80 to 0.90 without
-#: (docs/benchmarks.md).  Striped, not one per file, so that their number stays
-#: the same however many sessions there are; two sessions that share a stripe
-#: only take turns in one process.
-_STRIPES = tuple(threading.Lock() for _ in range(64))
-
-
 class RecordFileCache(FileSystemCache):
     """cachelib's file cache with locked, in-place, JSON records.
 
@@ -185,12 +173,8 @@ class RecordFileCache(FileSystemCache):
 
     # -- low-level IO ------------------------------------------------------
 
-    def _open_locked(self, path: str, create: bool = True, block: bool = True, waited: bool = False) -> int | None:
-        """Open ``path`` and take its exclusive lock; None if absent or busy.
-
-        A wait for the lock is reported (``on_lock_wait``) unless the caller
-        ``waited`` for its stripe and reported that already.
-        """
+    def _open_locked(self, path: str, create: bool = True, block: bool = True) -> int | None:
+        """Open ``path`` and take its exclusive lock; None if absent or busy."""
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         while True:
             try:
@@ -207,8 +191,7 @@ class RecordFileCache(FileSystemCache):
                     if not block:
                         os.close(fd)
                         return None
-                    if not waited:
-                        self.on_lock_wait()
+                    self.on_lock_wait()
                     fcntl.flock(fd, fcntl.LOCK_EX)
                 # A prune or quarantine may have unlinked the file while we
                 # waited; writing to it then would be lost, so reopen.
@@ -251,20 +234,9 @@ class RecordFileCache(FileSystemCache):
 
     def update_path(self, path: str, change: Change, ttl: int, create: bool = True) -> Record | None:
         """The atomic read-modify-write on one file; None if absent and not ``create``."""
-        stripe = _STRIPES[hash(path) % len(_STRIPES)]
-        waited = not stripe.acquire(blocking=False)
-        if waited:
-            self.on_lock_wait()
-            stripe.acquire()
-        try:
-            return self._update_locked(path, change, ttl, create, waited)
-        finally:
-            stripe.release()
-
-    def _update_locked(self, path: str, change: Change, ttl: int, create: bool, waited: bool) -> Record | None:
         try:
             while True:
-                fd = self._open_locked(path, create=create, waited=waited)
+                fd = self._open_locked(path, create=create)
                 if fd is None:
                     return None
                 try:
