@@ -95,11 +95,11 @@ def _lane(app: Flask, wsgi_app: WSGIApplication) -> WSGIApplication:
         try:
             value = interface.add_to_stored(app, sid, "counter", step)
         except OutOfRange:
-            return wsgi_app(environ, start_response)  # nothing written: Flask answers the 400
+            value = None  # the counter would leave its range: Flask answers the 400
         except Exception as exc:
             return _failed(app, exc, environ, start_response)
-        if value is None:
-            return wsgi_app(environ, start_response)  # no such session, nothing written
+        if value is None:  # nothing written, so Flask may answer it afresh
+            return wsgi_app(environ, start_response)
         faults.worked(app)
         body = render.counter_text(value).encode()
         environ[metrics.ROUTE] = path
