@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask, request_started
+from flask import Flask, request, request_started
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
@@ -207,8 +207,6 @@ def flask_handled(app: Flask) -> Iterator[list[str]]:
     reached: list[str] = []
 
     def note(sender: Flask, **extra: object) -> None:
-        from flask import request
-
         reached.append(request.path)
 
     with request_started.connected_to(note, app):
@@ -216,11 +214,8 @@ def flask_handled(app: Flask) -> Iterator[list[str]]:
 
 
 def _known(app: Flask) -> str:
-    client = app.test_client()
-    client.post("/reset")
-    cookie = client.get_cookie("session")
-    assert cookie is not None
-    return f"session={cookie.value}"
+    """A Cookie header with a stored session's id (counter 0)."""
+    return f"session={_session(app, 0)}"
 
 
 @pytest.mark.parametrize("accept", [None, CURL, REQUESTS, "text/plain"])
