@@ -15,6 +15,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import pytest
 import requests
 
 from conftest import ROOT, Server, ServerFactory, counter_of
+from tally.store.base import StorageError
+from tally.store.redis import RedisStore
 from topologies import ClusterSetup, SentinelSetup
 
 #: Seconds that the first 200 may come after the topology reports the failover done.
@@ -199,6 +202,33 @@ def test_a_cluster_failover_loses_no_acknowledged_count_with_replicas_1(
         return done
 
     _failover(serve, tmp_path, redis_cluster.url, replicas, kill, recover, "cluster")
+
+
+@pytest.mark.slow
+def test_after_a_failover_to_a_hung_primary_one_write_fails_and_the_rest_reach_the_new_one(
+    sentinel_setup: SentinelSetup,
+) -> None:
+    # A process keeps its connections between requests.  When the primary
+    # hangs (SIGSTOP: its sockets stay open) and Sentinel promotes a replica,
+    # the first write meets the hung primary and times out; every later one
+    # must go to the new primary, not wait out the timeout on another kept
+    # connection to the old one.
+    store = RedisStore(sentinel_setup.url, timeout=0.5)
+    store.update("s", lambda record: {"counter": 0}, 600)
+    with ThreadPoolExecutor(8) as writers:  # several connections in use at once, then kept
+        assert set(writers.map(lambda _: store.add("s", "counter", 1, 600), range(200))) == set(range(1, 201))
+    old = sentinel_setup.current_primary()
+    old.pause()
+    sentinel_setup.wait_for_failover(old.port)
+    outcomes: list[int | str | None] = []
+    for _ in range(10):
+        try:
+            outcomes.append(store.add("s", "counter", 1, 600))
+        except StorageError as exc:
+            outcomes.append(exc.kind)
+    assert outcomes[0] == "unavailable" and outcomes[1:] == list(range(201, 210)), outcomes
+    old.resume()
+    assert store.load("s") == {"counter": 209}
 
 
 def test_the_global_counter_is_exact_on_a_cluster(serve: ServerFactory, redis_cluster: ClusterSetup) -> None:

@@ -9,6 +9,8 @@ import pickle
 import re
 import secrets
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -877,3 +879,40 @@ def test_the_deadline_is_half_the_timeout_ahead_in_redis_clock_however_long_the_
     seconds, micros = client.time()
     ahead = store._deadline(client) - (seconds * 1_000_000 + micros)
     assert 400_000 < ahead <= 510_000, f"{ahead} µs ahead on a 1 s timeout"
+
+
+#: Run in a process of its own, so that pytest's process (and coverage's data in it) never forks.
+_FORKED = """
+import os, sys
+from tally.store.redis import RedisStore
+
+store = RedisStore(sys.argv[1], prefix=sys.argv[2])
+for key in ("parent", "child"):
+    store.update(key, lambda record: {"counter": 0}, 600)
+assert store.add("parent", "counter", 1, 600) == 1
+ready, go = os.pipe()
+child = os.fork()
+if child == 0:
+    try:
+        os.write(go, b"!")  # both count at once from here
+        mine = [store.add("child", "counter", 1, 600) for _ in range(500)]
+        os._exit(0 if mine == list(range(1, 501)) else 1)
+    except BaseException:
+        os._exit(2)
+assert os.read(ready, 1) == b"!"
+mine = [store.add("parent", "counter", 1, 600) for _ in range(500)]
+_, status = os.waitpid(child, 0)
+print(os.waitstatus_to_exitcode(status), mine == list(range(2, 502)), store.load("parent"), store.load("child"))
+"""
+
+
+def test_a_forked_process_counts_on_connections_of_its_own(redis_url: str, redis_prefix: str) -> None:
+    # A server that forks its workers after the store has run a command (gunicorn's
+    # --preload) must not share the parent's kept connection with its children:
+    # one would read the other's replies, the counts of another session.
+    run = subprocess.run(
+        [sys.executable, "-c", _FORKED, redis_url, redis_prefix], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    # The child's exit code (0: it saw its own counts), whether the parent saw its own, what is stored.
+    assert run.stdout.strip().split(maxsplit=2) == ["0", "True", "{'counter': 501} {'counter': 500}"]

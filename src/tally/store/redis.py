@@ -13,8 +13,9 @@ earlier versions under the raw id are renamed to the hashed key on first use
 (one server or Sentinel; earlier versions had no Cluster), or all at once by
 ``flask sessions migrate``.
 
-Everything goes through redis-py's public API: its connection pools, its
-timeouts (which gevent's sockets honour without blocking other greenlets),
+Everything goes through redis-py's public API: its connection pools (whose
+connections the scripts keep leased between commands, ``redis_connect.Leases``),
+its timeouts (which gevent's sockets honour without blocking other greenlets),
 registered scripts and pipelines; the ``hiredis`` parser speeds it up when
 installed.
 """
@@ -36,7 +37,7 @@ from redis import exceptions as rx
 from redis.sentinel import MasterNotFoundError
 
 from .base import Change, CorruptRecord, OutOfRange, PruneReport, Record, Stats, StorageError, Store, hashed_id
-from .redis_connect import Target, connect
+from .redis_connect import Target, connect, leases
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -170,18 +171,18 @@ _BOOKKEEPING = frozenset({b"_v", b"_w"})
 
 
 def _send(client: redis.Redis, *commands: tuple[Any, ...]) -> list[Any]:
-    """Send ``commands`` down one of the client's pooled connections in one write, and read their replies.
+    """Send ``commands`` down one of the client's connections in one write, and read their replies.
 
     An error reply comes back in the list as its exception, as a pipeline's
     ``execute(raise_on_error=False)`` gives it.  This is what a pipeline does,
-    through the pool's public API (``get_connection``, ``pack_commands``,
-    ``send_packed_command``, ``read_response``, ``release``), without the
-    per-command bookkeeping of ``execute_command`` (retry wrappers that do not
-    retry here, response callbacks that EVALSHA has none of, observability
-    records), which cost more CPU than the round trip itself.
+    through redis-py's public API (``pack_commands``, ``send_packed_command``,
+    ``read_response``) on a connection leased from the client's pool, without
+    the per-command bookkeeping of ``execute_command`` (retry wrappers that do
+    not retry here, response callbacks that EVALSHA has none of,
+    observability records), which cost more CPU than the round trip itself.
     """
     pool = client.connection_pool
-    connection = pool.get_connection()
+    connection = leases.take(pool)
     try:
         packed = connection.pack_commands(commands)  # type: ignore[no-untyped-call]
         connection.send_packed_command(packed)  # type: ignore[no-untyped-call]
@@ -191,14 +192,13 @@ def _send(client: redis.Redis, *commands: tuple[Any, ...]) -> list[Any]:
                 replies.append(connection.read_response())
             except rx.ResponseError as exc:
                 replies.append(exc)
-        return replies
     except BaseException:
         # Timed out or cut off mid-reply: its replies may still arrive, so it
         # must not serve another request (redis-py disconnects it too).
-        connection.disconnect()  # type: ignore[no-untyped-call]
+        leases.drop(pool, connection, failed=True)
         raise
-    finally:
-        pool.release(connection)
+    leases.give_back(pool, connection)
+    return replies
 
 
 def _decode(fields: dict[bytes, bytes]) -> Record:
