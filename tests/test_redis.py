@@ -27,7 +27,17 @@ from pytest_redis.executor.process import RedisExecutor
 from redis import exceptions as rx
 from redis.sentinel import MasterNotFoundError
 
-from conftest import Server, ServerFactory, burst_across, counter_of, free_port, json_of, need_redis, samples
+from conftest import (
+    WORKER_CLASSES,
+    Server,
+    ServerFactory,
+    burst_across,
+    counter_of,
+    free_port,
+    json_of,
+    need_redis,
+    samples,
+)
 from tally import create_app
 from tally.store import StorageError
 from tally.store import redis as redis_store
@@ -207,12 +217,14 @@ def test_a_killed_and_restarted_redis_loses_no_acknowledged_count(
     assert server.get("/inc", cookie).text == "counter is 52"
 
 
+@pytest.mark.parametrize("worker_class", WORKER_CLASSES)
 def test_connections_redis_closed_while_idle_are_replaced_without_an_error(
-    serve: ServerFactory, own_redis: RedisExecutor
+    serve: ServerFactory, own_redis: RedisExecutor, worker_class: str
 ) -> None:
     # What a Redis with an idle "timeout", a failover or CLIENT KILL does to
-    # the connections a server keeps between requests.
-    server = serve(workers=2, threads=4, redis_url=f"redis://127.0.0.1:{own_redis.port}/0")
+    # the connections a server keeps between requests (checked one way under
+    # gevent, another under threads).
+    server = serve(workers=2, threads=4, worker_class=worker_class, redis_url=f"redis://127.0.0.1:{own_redis.port}/0")
     cookie = server.new_client()
     assert server.burst("/inc", 100, cookie, threads=16).statuses == [200] * 100
     admin = redis.Redis(port=own_redis.port)
