@@ -928,3 +928,14 @@ def test_a_forked_process_counts_on_connections_of_its_own(redis_url: str, redis
     assert run.returncode == 0, run.stderr
     # The child's exit code (0: it saw its own counts), whether the parent saw its own, what is stored.
     assert run.stdout.strip().split(maxsplit=2) == ["0", "True", "{'counter': 501} {'counter': 500}"]
+
+
+def test_a_redis_user_refused_a_command_we_send_gets_a_503_saying_so(own_redis: RedisExecutor) -> None:
+    # A Redis ACL that leaves out a command Tally sends (here TIME, which the
+    # write deadline needs) is a refusal of our credentials, not a crash.
+    admin = redis.Redis(port=own_redis.port)
+    admin.acl_setuser("tally", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-time"])
+    store = RedisStore(f"redis://tally:pw@127.0.0.1:{own_redis.port}/0")
+    with pytest.raises(StorageError) as caught:
+        store.add("s", "counter", 1, 60)
+    assert (caught.value.kind, caught.value.status) == ("permission", 503)

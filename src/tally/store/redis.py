@@ -294,9 +294,13 @@ class RedisStore(Store):
                 # on with the offset they have instead of queueing to ask again.
                 self._offsets[id(client)] = (known[0], now)
             sent = time.monotonic()
-            seconds, micros = client.time()
+            # Down a kept connection like the scripts, so that a failure here lets go of the others too.
+            (reply,) = _send(client, ("TIME",))
             received = time.monotonic()
-            known = (seconds * 1_000_000 + micros - int((sent + received) * 500_000), received)
+            if isinstance(reply, Exception):  # an error reply (an ACL without TIME), raised as redis-py would
+                raise reply
+            seconds, micros = reply
+            known = (int(seconds) * 1_000_000 + int(micros) - int((sent + received) * 500_000), received)
             self._offsets[id(client)] = known
         offset = known[0]
         return int(time.monotonic() * 1_000_000) + offset + int(self.timeout * 500_000)

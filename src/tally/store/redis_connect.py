@@ -255,9 +255,9 @@ class Leases:
         """End the lease of a connection that must not serve again as it is.
 
         After a failed command, the pool's idle leases end too: the failure may
-        be a failover, and the pool itself would find the new primary with the
-        next connection it makes, where a kept lease would go on talking to the
-        old one (and wait out a timeout, if it hangs).
+        be a failover, and the pool finds the new primary with the next
+        connection it makes, where a kept lease would go on talking to the old
+        one (and wait out a timeout, if it hangs).
         """
         connection.disconnect()  # type: ignore[no-untyped-call]
         pool.release(connection)
