@@ -134,7 +134,7 @@ class _Sentinel(Sentinel):
 
     def discover_master(self, service_name: str) -> Any:
         try:
-            return super().discover_master(service_name)  # type: ignore[no-untyped-call]
+            return super().discover_master(service_name)
         except MasterNotFoundError as exc:
             for sentinel in self.sentinels:
                 try:
@@ -187,14 +187,14 @@ def connect(url: str, timeout: float) -> Target:
     if not 1 <= len(segments) <= 2 or (len(segments) == 2 and not segments[1].isdigit()):
         raise ValueError("a redis+sentinel:// URL ends with /SERVICE or /SERVICE/DB")
     db = int(segments[1]) if len(segments) == 2 else 0
-    sentinel = _Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = _Sentinel(
         nodes,
         sentinel_kwargs={**options, **common, "retry": no_retries()},
         retry=no_retries(),
         **options,
         **common,
     )
-    return Target(sentinel.master_for(segments[0], db=db))  # type: ignore[no-untyped-call]
+    return Target(sentinel.master_for(segments[0], db=db))
 
 
 class Leases:
