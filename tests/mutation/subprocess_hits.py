@@ -36,11 +36,16 @@ GUARANTEES = {
     # flock across gunicorn workers: no increment of one cookie is lost (its
     # plain GETs go through the fast lane).
     "tests/test_concurrency.py::test_concurrent_increments_with_one_cookie_are_all_counted": (
-        "tally.store.files", "tally.store.base", "tally.sessions", "tally.lane",
+        "tally.store.files", "tally.store.group", "tally.store.base", "tally.sessions", "tally.lane",
     ),
     # Reads never write: a slow read cannot undo a concurrent increment.
     "tests/test_concurrency.py::test_reads_during_increments_never_undo_them": (
-        "tally.store.files", "tally.store.base", "tally.sessions", "tally.lane",
+        "tally.store.files", "tally.store.group", "tally.store.base", "tally.sessions", "tally.lane",
+    ),
+    # A batch of one process's updates answers as the same updates one at a time
+    # would (about 1 s of hypothesis examples).
+    "tests/test_group_commit.py::test_a_batch_answers_and_stores_what_the_same_updates_one_at_a_time_would": (
+        "tally.store.files", "tally.store.group",
     ),
     # The fast lane answers as Flask would (about 3 s of hypothesis examples),
     # and a GET with a malformed chunked body is Flask's, under gunicorn.

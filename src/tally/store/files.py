@@ -51,6 +51,7 @@ from .base import (
     encode_record,
     integer_field,
 )
+from .group import GroupCommit, Update
 
 #: magic, expires (unix time, 0 = never), sequence number, payload length, crc32
 _HEADER = struct.Struct("<4sdQII")
@@ -102,12 +103,35 @@ class _Slot:
         self.record = record
 
 
-def _pack(record: Record, expires: float, seq: int) -> bytes:
-    payload = encode_record(record)
-    if len(payload) > MAX_PAYLOAD:
-        raise ValueError(f"a session record is limited to {MAX_PAYLOAD} bytes")
+def _pack(payload: bytes, expires: float, seq: int) -> bytes:
     crc = zlib.crc32(payload, zlib.crc32(struct.pack("<dQ", expires, seq)))
     return _HEADER.pack(_MAGIC, expires, seq, len(payload), crc) + payload
+
+
+def _apply(batch: list[Update], record: Record | None) -> tuple[bytes, int] | None:
+    """Apply each update of ``batch`` in turn to ``record`` (None: absent).
+
+    Sets each update's outcome, and returns the payload to write with the
+    ttl of the last update applied, or None when none changed anything.
+    """
+    written = None
+    for update in batch:
+        update.record = update.error = None
+        if record is None and not update.create:
+            continue  # it may not bring the session into being: it leaves None
+        try:
+            changed = update.change({} if record is None else dict(record))
+            # Checked for each update: one that does not fit fails alone, as
+            # it would have had it come by itself.
+            payload = encode_record(changed)
+            if len(payload) > MAX_PAYLOAD:
+                raise ValueError(f"a session record is limited to {MAX_PAYLOAD} bytes")
+        except Exception as exc:
+            update.error = exc  # nothing of it is applied; the next goes on from the record before it
+            continue
+        record = update.record = changed
+        written = payload, update.ttl
+    return written
 
 
 def _check_slot(raw: bytes, offset: int) -> tuple[int, float, bytes] | None:
@@ -166,8 +190,9 @@ class RecordFileCache(FileSystemCache):
         with contextlib.suppress(OSError):
             super().__init__(cache_dir, threshold=0, default_timeout=default_timeout, mode=0o600)
         self.fsync = fsync
-        #: Called when a writer has to wait for another writer's lock.
+        #: Called when a writer has to wait for another writer: its lock, or its write.
         self.on_lock_wait: Callable[[], None] = lambda: None
+        self._group = GroupCommit(lambda: self.on_lock_wait())
         #: Called with the path and raw bytes of a record that was quarantined.
         self.on_quarantine: Callable[[str, bytes], None] = lambda path, raw: None
 
@@ -233,30 +258,39 @@ class RecordFileCache(FileSystemCache):
             return None
 
     def update_path(self, path: str, change: Change, ttl: int, create: bool = True) -> Record | None:
-        """The atomic read-modify-write on one file; None if absent and not ``create``."""
+        """The atomic read-modify-write on one file; None if absent and not ``create``.
+
+        This process's concurrent updates of the same file are made together,
+        in one locked write (:mod:`.group`).
+        """
+        return self._group.run(path, Update(change, ttl, create), lambda batch: self._commit(path, batch))
+
+    def _commit(self, path: str, batch: list[Update]) -> None:
+        """Apply ``batch`` in order, under the file's lock, in one write."""
+        create = any(update.create for update in batch)
         try:
             while True:
                 fd = self._open_locked(path, create=create)
                 if fd is None:
-                    return None
+                    return  # absent, and no update may create it: each leaves None
                 try:
                     now = time.time()
                     current = self._newest_or_quarantine(path, fd)
                     if current is None and not os.fstat(fd).st_nlink:
                         if not create:
-                            return None
+                            return
                         continue  # it was quarantined; start on a fresh file
-                    live = _live(current, now)
-                    if not live and not create:
-                        return None
-                    record = change(dict(current.record) if live and current else {})
+                    applied = _apply(batch, current.record if current and _live(current, now) else None)
+                    if applied is None:
+                        return  # no update of the batch changed anything
+                    payload, ttl = applied
                     seq = current.seq + 1 if current else 1
-                    data = _pack(record, now + ttl if ttl else 0.0, seq)
+                    data = _pack(payload, now + ttl if ttl else 0.0, seq)
                     if os.pwrite(fd, data, (seq % 2) * SLOT_SIZE) != len(data):
                         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                     if self.fsync:
                         os.fsync(fd)
-                    return record
+                    return
                 finally:
                     os.close(fd)  # also releases the lock
         except OSError as exc:

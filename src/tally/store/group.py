@@ -1,0 +1,114 @@
+"""Group commit: one process's concurrent updates of one record, made in one locked write.
+
+When many requests carry one cookie, every update of that session queues for
+the same file lock, and each pays for a whole locked read-modify-write while
+the rest wait.  Under gunicorn's ``gthread`` workers each wait also costs a
+round of the GIL: the waiter sleeps, is woken, and must win the GIL back, and
+the writer holding the lock gives the GIL up for each of its system calls.
+
+Here the threads of one process that update one record at the same time form
+a batch instead.  The first one leads; those that come while it writes queue
+behind it.  When the leader's write is done it wakes its batch, and hands
+everything that queued meanwhile to the first of them, which leads that batch:
+all of it in one read-modify-write under the file lock.
+
+The updates of a batch are applied one after another, in the order they
+queued, and each caller gets the record as its own update left it: what a lock
+taken by each in turn would have given it.  An update that raises fails alone,
+and the next goes on from the record before it.  A caller returns only once
+the write that holds its update is done, so nothing is acknowledged before it
+is stored; if that write fails, every caller of the batch gets its error.
+
+Written here because no library does it: ``concurrent.futures`` hands work to
+other threads but does not merge it, and a writer thread would add a hand-off
+to every write, contended or not.  An update that meets no other costs two
+uncontended lock acquisitions here.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from .base import Change, Record
+
+
+class Update:
+    """One caller's update of a record, and what came of it."""
+
+    __slots__ = ("_wake", "batch", "change", "create", "error", "record", "ttl")
+
+    #: Held until this queued update is done, or is to lead the next batch.
+    _wake: threading.Lock
+
+    def __init__(self, change: Change, ttl: int, create: bool) -> None:
+        self.change = change
+        self.ttl = ttl
+        self.create = create
+        #: The record as this update left it; None if there was none and it may not create one.
+        self.record: Record | None = None
+        #: What this update raised instead, or what its batch's write raised.
+        self.error: BaseException | None = None
+        #: Set on a queued update that is to lead the next batch: that batch, itself first.
+        self.batch: list[Update] | None = None
+
+    def result(self) -> Record | None:
+        """The record as this update left it, or raise the error that stopped it."""
+        if self.error is not None:
+            raise self.error
+        return self.record
+
+
+#: Applies a batch under the record's lock in one write, setting each update's
+#: record or error; raising means that nothing of the batch was written.
+Commit = Callable[[list[Update]], None]
+
+
+class GroupCommit:
+    """Per process: the record updates under way, and those queued behind them."""
+
+    def __init__(self, on_wait: Callable[[], None] = lambda: None) -> None:
+        #: Called when an update queues behind another of the same record.
+        self.on_wait = on_wait
+        self._mutex = threading.Lock()
+        #: Per record being written: the updates that came while it was.
+        self._queued: dict[str, list[Update]] = {}
+
+    def run(self, key: str, update: Update, commit: Commit) -> Record | None:
+        """Apply ``update`` to the record ``key`` through ``commit``, with any that come meanwhile."""
+        with self._mutex:
+            queue = self._queued.get(key)
+            if queue is None:
+                self._queued[key] = []
+            else:
+                # A held lock wakes its one waiter when released: the lightest
+                # one-shot signal in threading (an Event is a Condition, a lock and a list).
+                update._wake = threading.Lock()
+                update._wake.acquire()
+                queue.append(update)
+        if queue is not None:
+            self.on_wait()
+            update._wake.acquire()
+            if update.batch is None:
+                return update.result()  # done, in a batch another update led
+        self._lead(key, update.batch or [update], commit)
+        return update.result()
+
+    def _lead(self, key: str, batch: list[Update], commit: Commit) -> None:
+        try:
+            commit(batch)
+        except BaseException as exc:
+            # As concurrent.futures does for a future's waiters, each caller raises the one exception.
+            for update in batch:
+                update.error = exc
+            raise
+        finally:
+            with self._mutex:
+                queued = self._queued.pop(key)
+                if queued:
+                    self._queued[key] = []
+                    queued[0].batch = queued
+            for update in batch[1:]:
+                update._wake.release()
+            if queued:
+                queued[0]._wake.release()
