@@ -9,6 +9,7 @@ sequence number that grows by one a write, which counts the writes.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import tempfile
@@ -17,16 +18,18 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tally.store import INT64_MAX, INT64_MIN, StorageError
+from tally.store import INT64_MAX, INT64_MIN, Record, StorageError
 from tally.store.files import MAX_PAYLOAD, FileStore, RecordFileCache
+from tally.store.group import LEAD_LIMIT, GroupCommit, Update
 
 KEY = "session:group"
+T = TypeVar("T")
 Outcome = int | None | str
 
 
@@ -58,17 +61,30 @@ def lock_held(store: FileStore) -> Iterator[None]:
         os.close(fd)
 
 
+def in_thread(call: Callable[..., T], *args: Any) -> Future[T]:
+    """Run ``call`` in a daemon thread: one that a fault leaves waiting for good cannot hang the test run."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(call(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
+
+
 def queued(store: FileStore, calls: list[Callable[[], Any]]) -> list[Outcome]:
     """Run ``calls`` at once, each in its own thread, queued in their order behind a held lock."""
     waiting = threading.Semaphore(0)
     store.on_contention = waiting.release
-    with ThreadPoolExecutor(len(calls)) as pool:
-        with lock_held(store):
-            futures = []
-            for call in calls:
-                futures.append(pool.submit(call))
-                assert waiting.acquire(timeout=5), "each update waits: the first for the lock, the rest for its write"
-        return [outcome(f) for f in futures]
+    with lock_held(store):
+        futures = []
+        for call in calls:
+            futures.append(in_thread(call))
+            assert waiting.acquire(timeout=5), "each update waits: the first for the lock, the rest for its write"
+    return [outcome(f) for f in futures]
 
 
 def add(store: FileStore, by: int = 1, create: bool = False) -> Callable[[], int | None]:
@@ -157,3 +173,53 @@ def test_a_batch_answers_and_stores_what_the_same_updates_one_at_a_time_would(
                 one_at_a_time.append(outcome(pool.submit(call(alone, op))))
         assert queued(batched, [call(batched, op) for op in ops]) == one_at_a_time
         assert batched.load(KEY) == alone.load(KEY)
+
+
+def chain(updates: int, fail_at: int | None = None) -> tuple[list[Outcome], list[int], list[int]]:
+    """Run ``updates`` updates through a GroupCommit, each arriving while the write before it is made.
+
+    Returns each update's outcome, the thread of each update's caller, and the
+    thread that made each write.  The write of update ``fail_at`` raises.
+    """
+    group = GroupCommit()
+    arrived = threading.Semaphore(0)
+    group.on_wait = arrived.release
+    callers = [0] * updates
+    writers: list[int] = []
+    futures: list[Future[Record | None]] = []
+
+    def call(n: int) -> Record | None:
+        callers[n] = threading.get_ident()
+        return group.run(KEY, Update(lambda record: {"counter": n}, 60, True), commit)
+
+    def start(n: int) -> None:
+        futures.append(in_thread(call, n))
+
+    def commit(batch: list[Update]) -> None:
+        (update,) = batch  # one arrives per write: each batch holds one
+        n = len(writers)
+        writers.append(threading.get_ident())
+        if n + 1 < updates:
+            start(n + 1)
+            assert arrived.acquire(timeout=5), "the next update queued behind this write"
+        if n == fail_at:
+            raise OSError(errno.EIO, "write failed")
+        update.record = update.change({})
+
+    start(0)
+    return [outcome(future) for future in futures], callers, writers
+
+
+def test_a_leader_makes_what_queues_behind_it_then_hands_on_after_lead_limit_batches() -> None:
+    outcomes, callers, writers = chain(LEAD_LIMIT + 3)
+    assert outcomes == list(range(LEAD_LIMIT + 3)), "each caller gets its own update's record"
+    # The first caller makes LEAD_LIMIT writes in a row, its own and those
+    # queued behind each; then the first of the queue leads from there.
+    assert writers == [callers[0]] * LEAD_LIMIT + [callers[LEAD_LIMIT]] * 3
+
+
+def test_a_failed_write_of_a_batch_the_leader_went_on_to_answers_that_batch_and_hands_on() -> None:
+    outcomes, callers, writers = chain(5, fail_at=2)
+    assert outcomes == [0, 1, "OSError", 3, 4], "the leader's own update stood; only the failed batch failed"
+    assert writers == [callers[0]] * 3 + [callers[3]] * 2, "after the failure the next in the queue leads"
+

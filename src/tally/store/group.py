@@ -8,9 +8,10 @@ the writer holding the lock gives the GIL up for each of its system calls.
 
 Here the threads of one process that update one record at the same time form
 a batch instead.  The first one leads; those that come while it writes queue
-behind it.  When the leader's write is done it wakes its batch, and hands
-everything that queued meanwhile to the first of them, which leads that batch:
-all of it in one read-modify-write under the file lock.
+behind it.  When the leader's write is done it wakes its batch, and makes
+everything that queued meanwhile as the next batch: all of it in one
+read-modify-write under the file lock.  After :data:`LEAD_LIMIT` batches it
+hands what is queued to the first of them, which leads from there.
 
 The updates of a batch are applied one after another, in the order they
 queued, and each caller gets the record as its own update left it: what a lock
@@ -59,6 +60,12 @@ class Update:
         return self.record
 
 
+#: How many batches in a row one leader makes before it hands the queue on.
+#: Going on saves a hand-off: the next leader would have to be woken, and win
+#: the GIL back, while no one in this process could take the file's lock.
+#: The bound keeps the leader's own answer from waiting long.
+LEAD_LIMIT = 8
+
 #: Applies a batch under the record's lock in one write, setting each update's
 #: record or error; raising means that nothing of the batch was written.
 Commit = Callable[[list[Update]], None]
@@ -95,20 +102,38 @@ class GroupCommit:
         return update.result()
 
     def _lead(self, key: str, batch: list[Update], commit: Commit) -> None:
-        try:
-            commit(batch)
-        except BaseException as exc:
-            # As concurrent.futures does for a future's waiters, each caller raises the one exception.
-            for update in batch:
-                update.error = exc
-            raise
-        finally:
-            with self._mutex:
-                queued = self._queued.pop(key)
-                if queued:
-                    self._queued[key] = []
-                    queued[0].batch = queued
-            for update in batch[1:]:
-                update._wake.release()
+        """Make ``batch``, then what queued meanwhile, up to :data:`LEAD_LIMIT` batches; hand the rest on."""
+        answered = batch[1:]  # the first is the leader's own, answered when it returns
+        for led in range(1, LEAD_LIMIT + 1):
+            try:
+                commit(batch)
+            except BaseException as exc:
+                # As concurrent.futures does for a future's waiters, each caller raises the one exception.
+                for update in batch:
+                    update.error = exc
+                self._close(key, answered, hand_on=True)
+                if led == 1:
+                    raise
+                return  # the leader's own update was made in its first batch
+            batch = answered = self._close(key, answered, hand_on=led == LEAD_LIMIT)
+            if not batch:
+                return
+
+    def _close(self, key: str, answered: list[Update], hand_on: bool) -> list[Update]:
+        """Wake the ``answered``; return what queued meanwhile, for this leader to make next.
+
+        With ``hand_on`` the queued updates go instead to the first of them,
+        to lead from there, and nothing is returned.
+        """
+        with self._mutex:
+            queued = self._queued.pop(key)
             if queued:
-                queued[0]._wake.release()
+                self._queued[key] = []  # still under way: newcomers queue
+                if hand_on:
+                    queued[0].batch = queued
+        for update in answered:
+            update._wake.release()
+        if queued and hand_on:
+            queued[0]._wake.release()
+            return []
+        return queued
