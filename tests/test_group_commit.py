@@ -223,3 +223,28 @@ def test_a_failed_write_of_a_batch_the_leader_went_on_to_answers_that_batch_and_
     assert outcomes == [0, 1, "OSError", 3, 4], "the leader's own update stood; only the failed batch failed"
     assert writers == [callers[0]] * 3 + [callers[3]] * 2, "after the failure the next in the queue leads"
 
+
+def test_a_writer_that_finds_the_lock_busy_tries_again_before_it_sleeps_on_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FileStore(str(tmp_path))
+    store.add(KEY, "counter", 1, 60)
+    waits: list[None] = []
+    store.on_contention = lambda: waits.append(None)
+    lock, busy, calls = fcntl.flock, [0], []
+
+    def flock(fd: int, operation: int) -> None:
+        calls.append(operation)
+        if operation == fcntl.LOCK_EX | fcntl.LOCK_NB and busy[0]:
+            busy[0] -= 1
+            raise BlockingIOError(errno.EWOULDBLOCK, "busy")
+        lock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    busy[0] = 1  # freed by the first try again: taken without a blocking flock
+    assert store.add(KEY, "counter", 1, 60) == 2
+    assert fcntl.LOCK_EX not in calls and len(waits) == 1
+    calls.clear()
+    busy[0] = 10**9  # busy past the spin: the writer sleeps on the lock, once
+    assert in_thread(store.add, KEY, "counter", 1, 60).result(timeout=5) == 3
+    assert calls.count(fcntl.LOCK_EX) == 1 and len(waits) == 2
