@@ -21,8 +21,11 @@ from typing import Any, TypeVar
 
 import pytest
 import redis
+import redis.connection
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import given
+from hypothesis import strategies as st
 from pytest_redis.executor.process import RedisExecutor
 from redis import exceptions as rx
 from redis.sentinel import MasterNotFoundError
@@ -939,3 +942,26 @@ def test_a_redis_user_refused_a_command_we_send_gets_a_503_saying_so(own_redis: 
     with pytest.raises(StorageError) as caught:
         store.add("s", "counter", 1, 60)
     assert (caught.value.kind, caught.value.status) == ("permission", 503)
+
+
+# What Tally sends: text (its keys, field names and JSON values) and 64-bit integers.
+_ARGUMENTS = st.one_of(
+    st.text(st.characters(exclude_categories=["Cs"])),  # lone surrogates are not text that UTF-8 can carry
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+)
+
+
+@given(args=st.lists(_ARGUMENTS, max_size=8))
+def test_commands_are_packed_byte_for_byte_as_redis_py_packs_them(args: list[str | int]) -> None:
+    connection = redis.connection.Connection()  # type: ignore[no-untyped-call]  # packing needs no server
+    commands = (("EVALSHA", "f" * 40, 1, "tally:session:x", *args), ("WAIT", 1, 666))
+    assert b"".join(redis_store._packed(connection, commands)) == b"".join(connection.pack_commands(commands))  # type: ignore[no-untyped-call]
+
+
+def test_without_hiredis_redis_py_packs_and_the_store_counts_as_before(
+    redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_store, "_pack_command", None)
+    store = RedisStore(redis_url, prefix=redis_prefix)
+    assert [store.add("session:a", "counter", 1, 60) for _ in range(3)] == [1, 2, 3]
+    assert store.increment_global() == 1

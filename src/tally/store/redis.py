@@ -33,11 +33,21 @@ from functools import cached_property
 from typing import Any, TypeVar
 
 import redis
+import redis.connection
 from redis import exceptions as rx
 from redis.sentinel import MasterNotFoundError
 
 from .base import Change, CorruptRecord, OutOfRange, PruneReport, Record, Stats, StorageError, Store, hashed_id
 from .redis_connect import Target, connect, leases
+
+#: hiredis's packer of one command; None without hiredis (it is in the redis extra), and redis-py packs.
+_pack_command: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _hiredis_pack_command
+
+    _pack_command = _hiredis_pack_command
+except ImportError:
+    _pack_command = None
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -170,6 +180,21 @@ def _translate(exc: Exception) -> Exception:
 _BOOKKEEPING = frozenset({b"_v", b"_w"})
 
 
+def _packed(connection: redis.connection.Connection, commands: tuple[tuple[Any, ...], ...]) -> list[bytes]:
+    """The commands in Redis's protocol, as one write.
+
+    With hiredis, by its own ``pack_command``: since redis-py 8.2 the
+    connection's packer first runs every argument through redis-py's encoder
+    in Python, which took an EVALSHA of Tally's from 3.2 to 6.9 µs to pack
+    (hiredis alone: 0.9 µs).  hiredis encodes a str, an int or bytes itself,
+    as the encoder does (UTF-8 for text), and Tally's arguments are only these.
+    """
+    if _pack_command is None:
+        packed: list[bytes] = connection.pack_commands(commands)  # type: ignore[no-untyped-call]
+        return packed
+    return [b"".join([_pack_command(command) for command in commands])]
+
+
 def _send(client: redis.Redis, *commands: tuple[Any, ...]) -> list[Any]:
     """Send ``commands`` down one of the client's connections in one write, and read their replies.
 
@@ -184,8 +209,7 @@ def _send(client: redis.Redis, *commands: tuple[Any, ...]) -> list[Any]:
     pool = client.connection_pool
     connection = leases.take(pool)
     try:
-        packed = connection.pack_commands(commands)  # type: ignore[no-untyped-call]
-        connection.send_packed_command(packed)  # type: ignore[no-untyped-call]
+        connection.send_packed_command(_packed(connection, commands))  # type: ignore[no-untyped-call]
         replies: list[Any] = []
         for _ in commands:
             try:
