@@ -186,14 +186,14 @@ def chain(updates: int, fail_at: int | None = None) -> tuple[list[Outcome], list
     group.on_wait = arrived.release
     callers = [0] * updates
     writers: list[int] = []
-    futures: list[Future[Record | None]] = []
+    futures: dict[int, Future[Record | None]] = {}  # by number: a thread may start the next before this one is filed
 
     def call(n: int) -> Record | None:
         callers[n] = threading.get_ident()
         return group.run(KEY, Update(lambda record: {"counter": n}, 60, True), commit)
 
     def start(n: int) -> None:
-        futures.append(in_thread(call, n))
+        futures[n] = in_thread(call, n)
 
     def commit(batch: list[Update]) -> None:
         (update,) = batch  # one arrives per write: each batch holds one
@@ -207,7 +207,8 @@ def chain(updates: int, fail_at: int | None = None) -> tuple[list[Outcome], list
         update.record = update.change({})
 
     start(0)
-    return [outcome(future) for future in futures], callers, writers
+    # Update n's write started update n + 1 before n was answered, so each is filed by the time it is read.
+    return [outcome(futures[n]) for n in range(updates)], callers, writers
 
 
 def test_a_leader_makes_what_queues_behind_it_then_hands_on_after_lead_limit_batches() -> None:
