@@ -80,6 +80,41 @@ def test_two_browsers_each_see_only_their_own_count(browser: Any, server: Server
     assert alice.errors == [] and bob.errors == [], "no script errors or CSP violations"
 
 
+def test_quick_clicks_show_the_last_count_whatever_order_the_answers_come_in(browser: Any, server: Server) -> None:
+    """The network may answer two quick clicks out of order: the page must still end on the newest count.
+
+    The first click's answer is held back, as a slow network would, until the page has had time to send and
+    hear back from the second click. If the page sent both at once, the first answer (-1) would arrive last
+    and hide the count (-2) that the server holds.
+    """
+    from playwright.sync_api import expect
+
+    page = open_page(browser, server)
+    held: list[tuple[Any, Any]] = []
+    seen: list[str] = []
+
+    def slow_first_answer(route: Any) -> None:
+        response = route.fetch()
+        seen.append(response.text())
+        if len(seen) == 1:
+            held.append((route, response))
+        else:
+            route.fulfill(response=response)
+
+    page.route("**/dec", slow_first_answer)
+    minus = page.get_by_role("button", name="−1")
+    minus.click()
+    minus.click()
+    page.wait_for_timeout(500)  # time for a second request to be sent and answered, if the page sent it
+    route, response = held.pop()
+    route.fulfill(response=response)
+    expect(page.locator("#count")).to_have_text("-2")
+    assert page.context.request.get(server.url + "/counter").text() == "counter is -2"
+    page.reload()
+    expect(page.locator("#count")).to_have_text("-2")
+    assert not page.errors
+
+
 def test_the_global_counter_is_shared_between_browsers(browser: Any, server: Server) -> None:
     from playwright.sync_api import expect
 

@@ -4,16 +4,29 @@
 
 const status = document.getElementById("status");
 
-async function submit(event) {
+// Each number's requests go one after another. Two quick clicks sent at once
+// could be answered out of order, and the older answer, shown last, would hide
+// the newer count (the server still holds every click; the page would not).
+const queues = new Map();
+
+function submit(event) {
   event.preventDefault();
   const form = event.target;
   const button = event.submitter;
+  // Read the form now: the step may change before this click's turn comes.
   const action = (button && button.getAttribute("formaction")) || form.getAttribute("action");
+  const body = new URLSearchParams(new FormData(form));
   const target = document.getElementById(form.dataset.update);
+  const previous = queues.get(target) || Promise.resolve();
+  const next = previous.then(() => send(action, body, target));
+  queues.set(target, next);
+}
+
+async function send(action, body, target) {
   try {
     const response = await fetch(action, {
       method: "POST",
-      body: new URLSearchParams(new FormData(form)),
+      body,
       headers: { Accept: "application/json" },
       credentials: "same-origin",
     });
