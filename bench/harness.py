@@ -36,6 +36,7 @@ import contextlib
 import datetime
 import json
 import os
+import platform
 import secrets
 import shutil
 import signal
@@ -371,6 +372,48 @@ def median(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+#: The libraries whose versions each full run records: a drop in a ratio between runs is then
+#: explainable by a library that changed, or shown not to be.
+LIBRARIES = ("flask", "werkzeug", "flask-session", "cachelib", "gunicorn", "gevent", "redis", "hiredis")
+#: PINGs per measure of the loopback round trip.
+PINGS = 2000
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    """What the run ran on: Python, the kernel, the libraries' versions, and the loopback round trips measured."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "libraries": {name: installed(name) for name in LIBRARIES},
+        "redis_server": args.redis_version,
+        "ping_us": args.ping_us,
+    }
+
+
+def ping_us(server: RedisServer) -> float:
+    """The median round trip of a redis-py PING to ``server`` over loopback, in µs: the machine's own latency,
+    which every Redis row pays once a request and which varies between days on a shared VM."""
+    client = redis.Redis(port=server.port, socket_timeout=5)
+    try:
+        client.ping()
+        times = []
+        for _ in range(PINGS):
+            began = time.perf_counter_ns()
+            client.ping()
+            times.append(time.perf_counter_ns() - began)
+        return round(statistics.median(times) / 1000, 1)
+    finally:
+        client.close()
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # 5 rounds of 4 s over 27 wrk runs a round and 17 systems: about 11 minutes on 2 cores.
@@ -429,6 +472,8 @@ def parse_args() -> argparse.Namespace:
     args.history = Path(args.out + "-runs.jsonl")
     args.replicas_seen = None
     args.redis_version = ""
+    #: The loopback PING round trip before the runs and after them, in µs (when a Redis ran).
+    args.ping_us = {}
     args.commit, args.dirty = git_commit()
     args.date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     return args
@@ -546,6 +591,9 @@ def run_main(groups: list[list[System]], servers: dict[str, RedisServer], args: 
         for server in servers.values():
             stack.callback(server.stop)
             server.start()
+        first = next(iter(servers.values()), None)
+        if first:
+            args.ping_us["before"] = ping_us(first)
         for system in systems:
             stack.callback(system.stop)
             system.start(args.workers, args.threads, args.worker_connections)
@@ -572,6 +620,8 @@ def run_main(groups: list[list[System]], servers: dict[str, RedisServer], args: 
                             f"{mode:6} {result['rps']:8.0f} req/s",
                             flush=True,
                         )
+        if first:
+            args.ping_us["after"] = ping_us(first)
         if "replica" in servers:
             link = servers["replica"].replication().get("master_link_status")
             if link != "up":
@@ -774,8 +824,10 @@ def record(systems: list[System], args: argparse.Namespace) -> list[dict[str, An
     """Append this full run to the history; return the last :data:`SPREAD_RUNS` full runs, this one last.
 
     A line per run: ``date`` (UTC), ``commit`` (HEAD, and ``dirty`` when the code measured differs from it), the
-    settings, ``systems`` (each system's medians per worker class and mode) and ``ratios`` (per worker class: the
-    median of the per-round ratios, their range, and the lost increments of a shared-cookie measure).
+    settings, ``environment`` (Python, kernel, the libraries' versions, redis-server's, and the loopback PING in
+    µs before and after the runs), ``systems`` (each system's medians per worker class and mode) and ``ratios``
+    (per worker class: the median of the per-round ratios, their range, and the lost increments of a
+    shared-cookie measure).
     """
     entry = {
         "date": args.date,
@@ -789,6 +841,7 @@ def record(systems: list[System], args: argparse.Namespace) -> list[dict[str, An
             "threads": args.threads,
             "worker_connections": args.worker_connections,
         },
+        "environment": environment(args),
         "systems": measured(systems),
         "ratios": ratios_of(systems),
     }
@@ -889,6 +942,8 @@ def main_report(systems: list[System], runs: list[dict[str, Any]], args: argpars
         "between systems; medians. A ratio is taken in each round between two systems of one worker class, which "
         f"run side by side. *many*: each connection has its own cookie.{shared_text}",
         *redis_notes(systems, args),
+        "",
+        environment_note(args),
         *ratios_table(systems, runs, args),
     ]
     for worker_class in classes:
@@ -985,6 +1040,17 @@ def redis_notes(systems: list[System], args: argparse.Namespace) -> list[str]:
             "it, with `0` as soon as the primary has it."
         )
     return ["", " ".join(notes)]
+
+
+def environment_note(args: argparse.Namespace) -> str:
+    """A sentence: Python, the kernel, the libraries, and the loopback PING before and after the runs."""
+    env = environment(args)
+    libraries = ", ".join(f"{name} {v}" for name, v in env["libraries"].items())
+    text = f"Python {env['python']}, Linux {env['kernel']}; {libraries}."
+    if args.ping_us:
+        times = " and ".join(f"{us:g} µs {when} the runs" for when, us in args.ping_us.items())
+        text += f" A redis-py PING over loopback (median of {PINGS}) took {times}."
+    return text
 
 
 RESULTS = ("<!-- results: written by make bench -->", "<!-- end of results -->")
