@@ -42,7 +42,7 @@ from conftest import (
     samples,
 )
 from tally import create_app
-from tally.store import StorageError
+from tally.store import StorageError, redis_connect
 from tally.store import redis as redis_store
 from tally.store.redis import MAX_ATTEMPTS, RedisStore, _translate
 
@@ -965,3 +965,74 @@ def test_without_hiredis_redis_py_packs_and_the_store_counts_as_before(
     store = RedisStore(redis_url, prefix=redis_prefix)
     assert [store.add("session:a", "counter", 1, 60) for _ in range(3)] == [1, 2, 3]
     assert store.increment_global() == 1
+
+
+def _counting_polls(connection: redis.connection.Connection, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count ``connection``'s ``can_read`` calls: the polls of a wait for its reply."""
+    polls = [0]
+    can_read = connection.can_read
+
+    def counted(timeout: float = 0) -> bool:
+        polls[0] += 1
+        return bool(can_read(timeout))
+
+    monkeypatch.setattr(connection, "can_read", counted)
+    return polls
+
+
+def test_a_redis_whose_replies_come_late_stops_being_waited_for_awake(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting awake pays only for a Redis that answers within microseconds; one across a network costs ~nothing."""
+    monkeypatch.setattr(redis_connect, "REPLY_REST", 3)
+    client = redis.Redis.from_url(redis_url)
+    connection = client.connection_pool.get_connection()
+    polls = _counting_polls(connection, monkeypatch)
+    wait = redis_connect.ReplyWait()
+
+    def polled(command: tuple[Any, ...], settle: float = 0) -> int:
+        before = polls[0]
+        connection.send_command(*command)  # type: ignore[no-untyped-call]
+        time.sleep(settle)
+        wait.wait(connection)
+        connection.read_response()
+        return polls[0] - before
+
+    late = ("WAIT", 1, 50)  # no replica: the reply comes when its 50 ms are up, far beyond the 100 µs awake
+    in_time = ("PING",)
+    assert all(polled(late) >= 1 for _ in range(redis_connect.REPLY_MISSES - 1)), "each is polled for"
+    assert polled(in_time, settle=0.02) == 1, "a reply already there is read at the first poll"
+    # That reply came in time, so the count of late ones starts again.
+    assert all(polled(late) >= 1 for _ in range(redis_connect.REPLY_MISSES)), "late again, as many in a row"
+    assert [polled(late) for _ in range(3)] == [0, 0, 0], "then REPLY_REST commands sleep on the socket at once"
+    assert polled(late) >= 1, "and then it tries again"
+    client.connection_pool.release(connection)
+    client.close()
+
+
+@pytest.mark.parametrize("gevent", [True, False], ids=["gevent", "threads"])
+def test_under_gevent_a_reply_is_never_waited_for_awake(redis_url: str, gevent: bool) -> None:
+    """Under gevent the worker goes back to its hub at once, where other greenlets wait to run."""
+    script = f"""
+if {gevent}:
+    from gevent import monkey
+    monkey.patch_all()
+import redis
+from tally.store.redis_connect import replies
+connection = redis.Redis.from_url({redis_url!r}).connection_pool.get_connection()
+polls = 0
+can_read = connection.can_read
+def counted(timeout=0):
+    global polls
+    polls += 1
+    return can_read(timeout)
+connection.can_read = counted
+for _ in range(3):
+    connection.send_command("PING")
+    replies.wait(connection)
+    assert connection.read_response() in (b"PONG", "PONG")
+print(polls)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    polls = int(run.stdout)
+    assert polls == 0 if gevent else polls >= 3

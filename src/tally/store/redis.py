@@ -38,7 +38,7 @@ from redis import exceptions as rx
 from redis.sentinel import MasterNotFoundError
 
 from .base import Change, CorruptRecord, OutOfRange, PruneReport, Record, Stats, StorageError, Store, hashed_id
-from .redis_connect import Target, connect, leases
+from .redis_connect import Target, connect, leases, replies
 
 #: hiredis's packer of one command; None without hiredis (it is in the redis extra), and redis-py packs.
 _pack_command: Callable[[tuple[Any, ...]], bytes] | None
@@ -210,19 +210,20 @@ def _send(client: redis.Redis, *commands: tuple[Any, ...]) -> list[Any]:
     connection = leases.take(pool)
     try:
         connection.send_packed_command(_packed(connection, commands))  # type: ignore[no-untyped-call]
-        replies: list[Any] = []
+        replies.wait(connection)
+        answers: list[Any] = []
         for _ in commands:
             try:
-                replies.append(connection.read_response())
+                answers.append(connection.read_response())
             except rx.ResponseError as exc:
-                replies.append(exc)
+                answers.append(exc)
     except BaseException:
         # Timed out or cut off mid-reply: its replies may still arrive, so it
         # must not serve another request (redis-py disconnects it too).
         leases.drop(pool, connection, failed=True)
         raise
     leases.give_back(pool, connection)
-    return replies
+    return answers
 
 
 def _decode(fields: dict[bytes, bytes]) -> Record:
