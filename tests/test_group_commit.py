@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -249,3 +251,37 @@ def test_a_writer_that_finds_the_lock_busy_tries_again_before_it_sleeps_on_it(
     busy[0] = 10**9  # busy past the spin: the writer sleeps on the lock, once
     assert in_thread(store.add, KEY, "counter", 1, 60).result(timeout=5) == 3
     assert calls.count(fcntl.LOCK_EX) == 1 and len(waits) == 2
+
+
+@pytest.mark.parametrize("gevent", [True, False], ids=["gevent", "threads"])
+def test_under_gevent_a_queued_update_never_waits_awake(gevent: bool) -> None:
+    """A queued update that waited awake under gevent would hold up the very greenlet that it waits for."""
+    script = f"""
+if {gevent}:
+    from gevent import monkey
+    monkey.patch_all()
+import threading, time
+from tally.store import group
+spins = []
+spin = group.spin
+def counted(ready, seconds):
+    spins.append(seconds)
+    return spin(ready, seconds)
+group.spin = counted
+commits = group.GroupCommit()
+def commit(batch):
+    time.sleep(0.05)  # under gevent, back to the hub: the other updates come and queue
+    for update in batch:
+        update.record = {{"counter": 1}}
+updates = [group.Update(lambda record: record, 60, True) for _ in range(3)]
+threads = [threading.Thread(target=commits.run, args=("k", update, commit)) for update in updates]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join(10)
+assert [update.result() for update in updates] == [{{"counter": 1}}] * 3
+print(len(spins))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    queued_and_waited_awake = int(run.stdout)
+    assert queued_and_waited_awake == 0 if gevent else queued_and_waited_awake >= 1

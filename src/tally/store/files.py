@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from cachelib.file import FileSystemCache
 
+from .awake import spin
 from .base import (
     Change,
     CorruptRecord,
@@ -177,21 +178,13 @@ def _try_lock(fd: int) -> bool:
 
 
 def _spin_lock(fd: int) -> bool:
-    """Try for ``fd``'s lock for up to :data:`LOCK_SPIN_SECONDS`, yielding the CPU between tries.
+    """Try for ``fd``'s lock for up to :data:`LOCK_SPIN_SECONDS` awake, before sleeping on it.
 
     The lock is held for one read-modify-write of a few microseconds; a
     writer that sleeps on it instead pays a context switch and a wake-up,
-    which on a busy machine cost more than the wait.  So a writer first tries
-    again for a moment, as adaptive mutexes do (glibc's
-    ``PTHREAD_MUTEX_ADAPTIVE_NP``, the kernel's optimistic spinning); flock
-    has no such mode, hence this loop.  ``sched_yield`` also gives up the GIL.
+    which cost more than the wait (see :mod:`.awake`).
     """
-    deadline = time.perf_counter() + LOCK_SPIN_SECONDS
-    while time.perf_counter() < deadline:
-        os.sched_yield()
-        if _try_lock(fd):
-            return True
-    return False
+    return spin(lambda: _try_lock(fd), LOCK_SPIN_SECONDS)
 
 
 def _live(slot: _Slot | None, now: float) -> bool:

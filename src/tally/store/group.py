@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from functools import partial
 
+from .awake import gevent_patched, spin
 from .base import Change, Record
 
 
@@ -66,6 +68,13 @@ class Update:
 #: The bound keeps the leader's own answer from waiting long.
 LEAD_LIMIT = 8
 
+#: How long a queued update waits awake for its batch's write before it
+#: sleeps (see :mod:`.awake`): a batch's write takes tens of microseconds,
+#: and waking from a sleep costs as much again.  Under gthread, one shared
+#: cookie ran at 0.84 of separate cookies without it, 0.85 at 50 µs, 0.92 to
+#: 0.95 at 150 µs and 0.97 at 400 µs (A/Bs of 6 and 8 alternating rounds).
+WAKE_SPIN_SECONDS = 400e-6
+
 #: Applies a batch under the record's lock in one write, setting each update's
 #: record or error; raising means that nothing of the batch was written.
 Commit = Callable[[list[Update]], None]
@@ -95,7 +104,8 @@ class GroupCommit:
                 queue.append(update)
         if queue is not None:
             self.on_wait()
-            update._wake.acquire()
+            if gevent_patched("threading") or not spin(partial(update._wake.acquire, False), WAKE_SPIN_SECONDS):
+                update._wake.acquire()
             if update.batch is None:
                 return update.result()  # done, in a batch another update led
         self._lead(key, update.batch or [update], commit)

@@ -25,9 +25,7 @@ waits for a reply a few microseconds awake before it sleeps (see
 from __future__ import annotations
 
 import os
-import sys
 import threading
-import time
 import weakref
 from collections import deque
 from collections.abc import Iterator
@@ -40,6 +38,8 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import Connection, ConnectionPool, SSLConnection, parse_url
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel
+
+from .awake import gevent_patched, spin
 
 #: The URL schemes Tally reads, for messages.
 SCHEMES = "redis://, rediss://, unix://, redis+sentinel://, rediss+sentinel://, redis+cluster:// or rediss+cluster://"
@@ -244,7 +244,7 @@ class Leases:
     def take(self, pool: ConnectionPool) -> Connection:
         """An idle leased connection that is ready for a command, or a new lease from ``pool``."""
         if self._through_hub is None:  # decided in each process, once gevent's workers have patched it
-            self._through_hub = _select_is_gevents()
+            self._through_hub = gevent_patched("select")
         ready = _reads_nothing if self._through_hub else _polls_nothing
         for connection in self._taken(pool):
             if ready(connection):
@@ -283,23 +283,17 @@ class Leases:
 class ReplyWait:
     """Wait for a command's reply awake, for up to :data:`REPLY_SPIN_SECONDS`, before sleeping on the socket.
 
-    A reply from a Redis on the same machine comes within tens of
-    microseconds.  A worker that sleeps on the socket for it lets its CPU go
-    idle, and on a virtual machine an idle CPU halts: the reply then has to
-    wake it, which cost 60 to 80 µs on the 2-core test VM (its kernel runs with
-    ``haltpoll.guest_halt_poll_ns=0``), against 19 µs for a PING answered to a
-    waiting process that stayed awake.  So the worker polls with redis-py's
-    own ``can_read(timeout=0)`` (which keeps whatever it reads for the reply),
-    yielding the CPU between polls to any thread that has work, and sleeps
-    only if the reply is not there by then.  Neither the kernel (busy polling
-    is for network cards, not loopback) nor redis-py offers this.
+    A Redis on the same machine answers within tens of microseconds, less than
+    a sleeping worker takes to be woken (see :mod:`.awake`).  The worker polls
+    with redis-py's own ``can_read(timeout=0)``, which keeps whatever it reads
+    for the reply.  Neither the kernel (busy polling is for network cards, not
+    loopback) nor redis-py waits this way.
 
     It adapts, as glibc's adaptive mutexes do: after :data:`REPLY_MISSES`
     waits in a row that ended without the reply (a Redis across a network, or
     one that hangs), it stops for :data:`REPLY_REST` commands, then tries
     again; a remote Redis so costs under 1 µs a command.  Under gevent it
-    never polls: the worker must go back to its hub, where other greenlets
-    wait to run.
+    never polls.
     """
 
     def __init__(self) -> None:
@@ -311,32 +305,22 @@ class ReplyWait:
     def wait(self, connection: Connection) -> None:
         """Return once ``connection`` has its reply waiting, or when waiting awake has stopped paying."""
         if self._through_hub is None:  # decided in each process, once gevent's workers have patched it
-            self._through_hub = _select_is_gevents()
+            self._through_hub = gevent_patched("select")
         if self._through_hub:
             return
         if self._rest:
             # Counted without a lock: threads that race here only make the rest a little shorter.
             self._rest -= 1
-            return
-        deadline = time.perf_counter() + REPLY_SPIN_SECONDS
-        while not connection.can_read(timeout=0):
-            if time.perf_counter() >= deadline:
-                self._misses += 1
-                if self._misses >= REPLY_MISSES:
-                    self._misses, self._rest = 0, REPLY_REST
-                return
-            os.sched_yield()  # gives up the GIL too
-        self._misses = 0
+        elif spin(lambda: bool(connection.can_read(timeout=0)), REPLY_SPIN_SECONDS):
+            self._misses = 0
+        else:
+            self._misses += 1
+            if self._misses >= REPLY_MISSES:
+                self._misses, self._rest = 0, REPLY_REST
 
     def forget(self) -> None:
         """Start afresh in a forked child, which may run another worker class."""
         self._through_hub, self._misses, self._rest = None, 0, 0
-
-
-def _select_is_gevents() -> bool:
-    """Whether gevent has patched ``select``, through which redis-py's ``can_read`` polls."""
-    monkey = sys.modules.get("gevent.monkey")
-    return monkey is not None and bool(monkey.is_module_patched("select"))
 
 
 def _polls_nothing(connection: Connection) -> bool:
