@@ -4,7 +4,7 @@ A thread that sleeps on a lock or a socket lets its CPU go idle, and on a
 virtual machine an idle CPU halts: whatever it waits for then has to wake it,
 which costs tens of microseconds, often more than the wait itself.  On the
 2-core test VM (its kernel runs with ``haltpoll.guest_halt_poll_ns=0``) a
-loopback PING answered to a sleeping process took 60 to 80 µs, against 19 µs
+loopback PING answered to a sleeping process took 60 to 105 µs, against 19 µs
 to one that stayed awake.  Adaptive mutexes do the same (glibc's
 ``PTHREAD_MUTEX_ADAPTIVE_NP``, the kernel's optimistic spinning); the waits
 here (``flock``, a ``threading.Lock`` held as a signal, a Redis socket) have no
@@ -40,3 +40,27 @@ def gevent_patched(module: str) -> bool:
     """Whether gevent has patched ``module`` (``"select"``, ``"threading"``) in this process."""
     monkey = sys.modules.get("gevent.monkey")
     return monkey is not None and bool(monkey.is_module_patched(module))
+
+
+#: Whether this process's socket waits go through gevent's hub; see :func:`waits_through_hub`.
+_through_hub: bool | None = None
+
+
+def waits_through_hub() -> bool:
+    """Whether gevent has patched ``select`` here, so that a socket wait goes through its hub.
+
+    Decided at the first wait of each process, once gevent's workers have
+    patched it, and forgotten in a forked child, which may run another worker class.
+    """
+    global _through_hub
+    if _through_hub is None:
+        _through_hub = gevent_patched("select")
+    return _through_hub
+
+
+def _forget() -> None:
+    global _through_hub
+    _through_hub = None
+
+
+os.register_at_fork(after_in_child=_forget)

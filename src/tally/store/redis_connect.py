@@ -39,7 +39,7 @@ from redis.connection import Connection, ConnectionPool, SSLConnection, parse_ur
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel
 
-from .awake import gevent_patched, spin
+from .awake import spin, waits_through_hub
 
 #: The URL schemes Tally reads, for messages.
 SCHEMES = "redis://, rediss://, unix://, redis+sentinel://, rediss+sentinel://, redis+cluster:// or rediss+cluster://"
@@ -230,7 +230,6 @@ class Leases:
     def __init__(self) -> None:
         self._idle: weakref.WeakKeyDictionary[ConnectionPool, deque[Connection]] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
-        self._through_hub: bool | None = None
 
     def _taken(self, pool: ConnectionPool) -> Iterator[Connection]:
         """The pool's idle leases, each taken off the stack as it is reached, newest first."""
@@ -243,9 +242,7 @@ class Leases:
 
     def take(self, pool: ConnectionPool) -> Connection:
         """An idle leased connection that is ready for a command, or a new lease from ``pool``."""
-        if self._through_hub is None:  # decided in each process, once gevent's workers have patched it
-            self._through_hub = gevent_patched("select")
-        ready = _reads_nothing if self._through_hub else _polls_nothing
+        ready = _reads_nothing if waits_through_hub() else _polls_nothing
         for connection in self._taken(pool):
             if ready(connection):
                 return connection
@@ -277,7 +274,6 @@ class Leases:
     def forget(self) -> None:
         """Forget every lease, without touching its socket (after a fork: they are the parent's)."""
         self._idle = weakref.WeakKeyDictionary()
-        self._through_hub = None
 
 
 class ReplyWait:
@@ -297,16 +293,13 @@ class ReplyWait:
     """
 
     def __init__(self) -> None:
-        self._through_hub: bool | None = None
         #: Waits in a row that ended without the reply; commands left to send before waiting awake again.
         self._misses = 0
         self._rest = 0
 
     def wait(self, connection: Connection) -> None:
         """Return once ``connection`` has its reply waiting, or when waiting awake has stopped paying."""
-        if self._through_hub is None:  # decided in each process, once gevent's workers have patched it
-            self._through_hub = gevent_patched("select")
-        if self._through_hub:
+        if waits_through_hub():
             return
         if self._rest:
             # Counted without a lock: threads that race here only make the rest a little shorter.
@@ -319,8 +312,8 @@ class ReplyWait:
                 self._misses, self._rest = 0, REPLY_REST
 
     def forget(self) -> None:
-        """Start afresh in a forked child, which may run another worker class."""
-        self._through_hub, self._misses, self._rest = None, 0, 0
+        """Start afresh in a forked child."""
+        self._misses, self._rest = 0, 0
 
 
 def _polls_nothing(connection: Connection) -> bool:
