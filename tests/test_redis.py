@@ -95,6 +95,23 @@ def test_sessions_live_in_redis_with_the_session_lifetime_as_ttl(
     direct.close()
 
 
+def test_a_redis_on_a_unix_socket_holds_the_sessions_and_the_quota(
+    tmp_path: Path, request: pytest.FixtureRequest, redis_prefix: str
+) -> None:
+    need_redis()
+    socket_path = request.getfixturevalue("shared_redis").unixsocket
+    settings = {"REDIS_URL": f"unix://{socket_path}?db=0", "REDIS_PREFIX": redis_prefix, "SECRET_KEY": "k"}
+    app = create_app({**settings, "NEW_SESSIONS_PER_MINUTE": 2}, instance_path=str(tmp_path))
+    client = app.test_client()
+    assert [client.get("/inc").text for _ in range(2)] == ["counter is 1", "counter is 2"]
+    assert app.test_client().get("/inc").text == "counter is 1", "a second new session"
+    assert app.test_client().get("/inc").status_code == 429, "a third in the minute: the quota, counted in Redis"
+    direct = redis.Redis(unix_socket_path=socket_path)
+    assert len(direct.keys(redis_prefix + "session:*")) == 2
+    assert direct.keys(redis_prefix + "quota*"), "the address's count of new sessions is there too"
+    direct.close()
+
+
 @pytest.mark.parametrize(
     ("damage", "deleted"),
     [

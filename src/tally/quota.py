@@ -210,6 +210,9 @@ def _storage(app: Flask) -> Storage:
     options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": no_retries()}
     if "+sentinel" in redis_url.partition("://")[0]:
         options["sentinel_kwargs"] = dict(options)
+    if redis_url.startswith("unix://"):
+        # limits names a Unix socket's Redis redis+unix://; Tally reads unix:// as redis-py's from_url does.
+        redis_url = "redis+" + redis_url
     prefix = app.config["REDIS_PREFIX"] + "quota"
     return _sync(storage_from_string(redis_url, wrap_exceptions=True, key_prefix=prefix, **options))
 
