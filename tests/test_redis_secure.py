@@ -71,9 +71,9 @@ def secured(request: pytest.FixtureRequest) -> Secured:
     return Secured(form, cluster.url_with, cluster.primaries, list(cluster.nodes))
 
 
-def make_app(url: str, tmp_path: Path) -> Flask:
+def make_app(url: str, tmp_path: Path, **settings: object) -> Flask:
     # A short timeout: nothing here should wait, and a hang would show as a 503 within a second.
-    config = {"REDIS_URL": url, "SECRET_KEY": "k", "REDIS_PREFIX": PREFIX, "REDIS_TIMEOUT": 1.0}
+    config = {"REDIS_URL": url, "SECRET_KEY": "k", "REDIS_PREFIX": PREFIX, "REDIS_TIMEOUT": 1.0, **settings}
     return create_app(config, instance_path=str(tmp_path / "i"))
 
 
@@ -134,6 +134,22 @@ def test_tally_counts_over_tls_with_a_password(secured: Secured, tmp_path: Path)
     keys = all_keys(secured)
     keys.pop(PREFIX + "healthz", None)  # /healthz's own write
     assert keys == {PREFIX + "global": "1", session_key: {"counter": "5", "_v": "2", "_w": ANY}}
+
+
+def test_the_new_session_quota_is_kept_in_the_same_secured_redis(secured: Secured, tmp_path: Path) -> None:
+    """The quota is on by default in production (the suite turns it off elsewhere): it reads the same URL."""
+    app = make_app(secured.url, tmp_path, NEW_SESSIONS_PER_MINUTE=2)
+    try:
+        assert [app.test_client().get("/inc").text for _ in range(2)] == ["counter is 1"] * 2
+        refused = app.test_client().get("/inc")
+        assert refused.status_code == 429 and "2 new sessions in the last minute" in refused.text
+    finally:
+        close(app)
+    written: list[bytes] = []
+    for node in secured.primaries():
+        with node.client() as direct:
+            written += direct.keys(PREFIX + "quota*")
+    assert written, "the count is in Redis, over TLS with the password"
 
 
 def test_a_wrong_password_is_a_503_saying_the_credentials_were_refused(secured: Secured, tmp_path: Path) -> None:

@@ -202,19 +202,28 @@ def _storage(app: Flask) -> Storage:
     if uri:
         return _sync(storage_from_string(uri, wrap_exceptions=True))
     redis_url = str(app.config["REDIS_URL"])  # _folder found one, or the counts would be in files
-    # The sessions' own Redis, in the same URL form, which limits reads too;
-    # with the same timeouts and no retries, so a hung Redis fails fast here too.
-    from .store.redis_connect import no_retries  # here: the file store needs no Redis client
+    # The sessions' own Redis, with the same timeouts and no retries, so a hung Redis fails fast here too.
+    from .store.redis_connect import no_retries, topology  # here: the file store needs no Redis client
 
     timeout = float(app.config["REDIS_TIMEOUT"])
     options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": no_retries()}
-    if "+sentinel" in redis_url.partition("://")[0]:
-        options["sentinel_kwargs"] = dict(options)
-    if redis_url.startswith("unix://"):
-        # limits names a Unix socket's Redis redis+unix://; Tally reads unix:// as redis-py's from_url does.
-        redis_url = "redis+" + redis_url
     prefix = app.config["REDIS_PREFIX"] + "quota"
-    return _sync(storage_from_string(redis_url, wrap_exceptions=True, key_prefix=prefix, **options))
+    read = topology(redis_url)
+    if read is None:
+        # limits names a Unix socket's Redis redis+unix://; Tally reads unix:// as redis-py's from_url does.
+        uri = "redis+" + redis_url if redis_url.startswith("unix://") else redis_url
+        return _sync(storage_from_string(uri, wrap_exceptions=True, key_prefix=prefix, **options))
+    # limits reads no TLS form (rediss+sentinel://, rediss+cluster://), no query arguments and no
+    # Sentinel database from these URLs: it gets the hosts in its own form, and the rest as it is read
+    # for the sessions' store, as redis-py's arguments.
+    hosts = ",".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in read.nodes)
+    options.update(read.options)
+    if read.kind == "cluster":
+        uri = f"redis+cluster://{hosts}"
+        return _sync(storage_from_string(uri, wrap_exceptions=True, key_prefix=prefix, **options))
+    uri = f"redis+sentinel://{hosts}"
+    sentinel: dict[str, Any] = {"service_name": read.service, "db": read.db, "sentinel_kwargs": dict(options)}
+    return _sync(storage_from_string(uri, wrap_exceptions=True, key_prefix=prefix, **sentinel, **options))
 
 
 def init_app(app: Flask) -> None:

@@ -29,6 +29,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -166,18 +167,35 @@ def _hosts(netloc: str, default_port: int) -> Iterator[tuple[str, int]]:
         yield host, int(port)
 
 
-def connect(url: str, timeout: float) -> Target:
-    """Return the target that ``url`` names; raise ValueError, naming the fault, for a bad URL."""
+@dataclass(frozen=True)
+class Topology:
+    """A ``redis+sentinel://`` or ``redis+cluster://`` URL (or its ``rediss+`` form), read."""
+
+    #: ``sentinel`` or ``cluster``.
+    kind: str
+    #: The sentinels, or the Cluster's startup nodes.
+    nodes: list[tuple[str, int]]
+    #: The credentials, TLS and query arguments, as redis-py reads them from one server's URL.
+    options: dict[str, Any]
+    #: Sentinel's name for the primary, and its database; a Cluster has neither.
+    service: str = ""
+    db: int = 0
+
+
+def topology(url: str) -> Topology | None:
+    """Read a Sentinel or Cluster URL; None for one server's, which redis-py's ``from_url`` reads whole.
+
+    Raise ValueError, naming the fault, for a bad URL.
+    """
     scheme, _, _ = url.partition("://")
-    base, _, topology = scheme.lower().partition("+")
-    common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
-    if not topology and base in ("redis", "rediss", "unix"):
-        return Target(redis.Redis.from_url(url, retry=no_retries(), **common))
-    if base not in ("redis", "rediss") or topology not in ("sentinel", "cluster"):
+    base, _, kind = scheme.lower().partition("+")
+    if not kind and base in ("redis", "rediss", "unix"):
+        return None
+    if base not in ("redis", "rediss") or kind not in ("sentinel", "cluster"):
         raise ValueError(f"a Redis URL starts with {SCHEMES}")
 
     parts = urlsplit(url)
-    nodes = list(_hosts(parts.netloc, 26379 if topology == "sentinel" else 6379))
+    nodes = list(_hosts(parts.netloc, 26379 if kind == "sentinel" else 6379))
     segments = [s for s in parts.path.split("/") if s]
     # redis-py parses the credentials, TLS and query arguments, as for one server.
     userinfo = parts.netloc.rpartition("@")[0]
@@ -188,22 +206,31 @@ def connect(url: str, timeout: float) -> Target:
     if options.pop("connection_class", None) is SSLConnection:
         options["ssl"] = True
 
-    if topology == "cluster":
+    if kind == "cluster":
         if segments:
             raise ValueError("a redis+cluster:// URL takes no path: a Cluster has one database")
-        return ClusterTarget([ClusterNode(host, port) for host, port in nodes], {**options, **common})  # type: ignore[no-untyped-call]
-
+        return Topology(kind, nodes, options)
     if not 1 <= len(segments) <= 2 or (len(segments) == 2 and not segments[1].isdigit()):
         raise ValueError("a redis+sentinel:// URL ends with /SERVICE or /SERVICE/DB")
-    db = int(segments[1]) if len(segments) == 2 else 0
+    return Topology(kind, nodes, options, segments[0], int(segments[1]) if len(segments) == 2 else 0)
+
+
+def connect(url: str, timeout: float) -> Target:
+    """Return the target that ``url`` names; raise ValueError, naming the fault, for a bad URL."""
+    common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    read = topology(url)
+    if read is None:
+        return Target(redis.Redis.from_url(url, retry=no_retries(), **common))
+    if read.kind == "cluster":
+        return ClusterTarget([ClusterNode(host, port) for host, port in read.nodes], {**read.options, **common})  # type: ignore[no-untyped-call]
     sentinel = _Sentinel(
-        nodes,
-        sentinel_kwargs={**options, **common, "retry": no_retries()},
+        read.nodes,
+        sentinel_kwargs={**read.options, **common, "retry": no_retries()},
         retry=no_retries(),
-        **options,
+        **read.options,
         **common,
     )
-    return Target(sentinel.master_for(segments[0], db=db))
+    return Target(sentinel.master_for(read.service, db=read.db))
 
 
 class Leases:
