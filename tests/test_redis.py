@@ -45,6 +45,7 @@ from tally import create_app
 from tally.store import StorageError, redis_connect
 from tally.store import redis as redis_store
 from tally.store.redis import MAX_ATTEMPTS, RedisStore, _translate
+from topologies import SentinelSetup
 
 T = TypeVar("T")
 
@@ -110,6 +111,20 @@ def test_a_redis_on_a_unix_socket_holds_the_sessions_and_the_quota(
     assert len(direct.keys(redis_prefix + "session:*")) == 2
     assert direct.keys(redis_prefix + "quota*"), "the address's count of new sessions is there too"
     direct.close()
+
+
+def test_a_sentinel_url_with_a_database_holds_the_sessions_and_the_quota_there(
+    tmp_path: Path, sentinel_setup: SentinelSetup
+) -> None:
+    """``/SERVICE/DB``: limits, given such a URL, would look for a primary named SERVICEDB."""
+    url = sentinel_setup.url + "/3"
+    app = create_app({"REDIS_URL": url, "SECRET_KEY": "k", "NEW_SESSIONS_PER_MINUTE": 1}, instance_path=str(tmp_path))
+    assert app.test_client().get("/inc").text == "counter is 1"
+    assert app.test_client().get("/inc").status_code == 429, "a second new session in the minute"
+    with sentinel_setup.current_primary().client(db=3) as direct:
+        assert direct.keys("tally:session:*") and direct.keys("tally:quota*"), "both in database 3"
+    with sentinel_setup.current_primary().client(db=0) as direct:
+        assert not direct.keys("tally:*")
 
 
 @pytest.mark.parametrize(
