@@ -209,21 +209,19 @@ def _storage(app: Flask) -> Storage:
     options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "retry": no_retries()}
     prefix = app.config["REDIS_PREFIX"] + "quota"
     read = topology(redis_url)
+    more: dict[str, Any] = {}
     if read is None:
         # limits names a Unix socket's Redis redis+unix://; Tally reads unix:// as redis-py's from_url does.
         uri = "redis+" + redis_url if redis_url.startswith("unix://") else redis_url
-        return _sync(storage_from_string(uri, wrap_exceptions=True, key_prefix=prefix, **options))
-    # limits reads no TLS form (rediss+sentinel://, rediss+cluster://), no query arguments and no
-    # Sentinel database from these URLs: it gets the hosts in its own form, and the rest as it is read
-    # for the sessions' store, as redis-py's arguments.
-    hosts = ",".join(f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in read.nodes)
-    options.update(read.options)
-    if read.kind == "cluster":
-        uri = f"redis+cluster://{hosts}"
-        return _sync(storage_from_string(uri, wrap_exceptions=True, key_prefix=prefix, **options))
-    uri = f"redis+sentinel://{hosts}"
-    sentinel: dict[str, Any] = {"service_name": read.service, "db": read.db, "sentinel_kwargs": dict(options)}
-    return _sync(storage_from_string(uri, wrap_exceptions=True, key_prefix=prefix, **sentinel, **options))
+    else:
+        # limits reads no TLS form (rediss+sentinel://, rediss+cluster://), no query arguments and no
+        # Sentinel database from these URLs: it gets the hosts in its own form, and the rest as it is
+        # read for the sessions' store, as redis-py's arguments.
+        uri = f"redis+{read.kind}://{read.hosts}"
+        options.update(read.options)
+        if read.kind == "sentinel":
+            more = {"service_name": read.service, "db": read.db, "sentinel_kwargs": dict(options)}
+    return _sync(storage_from_string(uri, wrap_exceptions=True, key_prefix=prefix, **more, **options))
 
 
 def init_app(app: Flask) -> None:

@@ -181,6 +181,15 @@ class Topology:
     service: str = ""
     db: int = 0
 
+    @property
+    def hosts(self) -> str:
+        """The nodes as a URL lists them: ``host:port,...``, an IPv6 address in brackets."""
+        return ",".join(_address(host, port) for host, port in self.nodes)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
 
 def topology(url: str) -> Topology | None:
     """Read a Sentinel or Cluster URL; None for one server's, which redis-py's ``from_url`` reads whole.
@@ -199,9 +208,8 @@ def topology(url: str) -> Topology | None:
     segments = [s for s in parts.path.split("/") if s]
     # redis-py parses the credentials, TLS and query arguments, as for one server.
     userinfo = parts.netloc.rpartition("@")[0]
-    first, port = nodes[0]
-    first = f"[{first}]" if ":" in first else first  # an IPv6 address, bracketed again for redis-py's parser
-    single = f"{base}://{userinfo + '@' if userinfo else ''}{first}:{port}?{parts.query}"
+    # The first node, an IPv6 address bracketed again for redis-py's parser.
+    single = f"{base}://{userinfo + '@' if userinfo else ''}{_address(*nodes[0])}?{parts.query}"
     options = {k: v for k, v in parse_url(single).items() if k not in ("host", "port", "db")}  # type: ignore[no-untyped-call]
     if options.pop("connection_class", None) is SSLConnection:
         options["ssl"] = True
