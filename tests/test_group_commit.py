@@ -177,13 +177,16 @@ def test_a_batch_answers_and_stores_what_the_same_updates_one_at_a_time_would(
         assert batched.load(KEY) == alone.load(KEY)
 
 
-def chain(updates: int, fail_at: int | None = None) -> tuple[list[Outcome], list[int], list[int]]:
+def chain(
+    updates: int, fail_at: int | None = None, give_up: Callable[[BaseException], BaseException | None] | None = None
+) -> tuple[list[Outcome], list[int], list[int]]:
     """Run ``updates`` updates through a GroupCommit, each arriving while the write before it is made.
 
     Returns each update's outcome, the thread of each update's caller, and the
-    thread that made each write.  The write of update ``fail_at`` raises.
+    thread that made each write.  The write of update ``fail_at`` raises, and
+    ``give_up`` is the group's.
     """
-    group = GroupCommit()
+    group: GroupCommit[Update] = GroupCommit() if give_up is None else GroupCommit(give_up=give_up)
     arrived = threading.Semaphore(0)
     group.on_wait = arrived.release
     callers = [0] * updates
@@ -192,7 +195,7 @@ def chain(updates: int, fail_at: int | None = None) -> tuple[list[Outcome], list
 
     def call(n: int) -> Record | None:
         callers[n] = threading.get_ident()
-        return group.run(KEY, Update(lambda record: {"counter": n}, 60, True), commit)
+        return group.run(KEY, Update(lambda record: {"counter": n}, 60, True), commit).result()
 
     def start(n: int) -> None:
         futures[n] = in_thread(call, n)
@@ -225,6 +228,12 @@ def test_a_failed_write_of_a_batch_the_leader_went_on_to_answers_that_batch_and_
     outcomes, callers, writers = chain(5, fail_at=2)
     assert outcomes == [0, 1, "OSError", 3, 4], "the leader's own update stood; only the failed batch failed"
     assert writers == [callers[0]] * 3 + [callers[3]] * 2, "after the failure the next in the queue leads"
+
+
+def test_a_failed_write_can_fail_what_queued_behind_it_unmade() -> None:
+    outcomes, callers, writers = chain(3, fail_at=1, give_up=lambda exc: TimeoutError(f"after {exc}"))
+    assert outcomes == [0, "OSError", "TimeoutError"], "the queued update failed with give_up's error"
+    assert writers == [callers[0]] * 2, "and was never written"
 
 
 def test_a_writer_that_finds_the_lock_busy_tries_again_before_it_sleeps_on_it(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -1069,3 +1070,90 @@ print(polls)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     polls = int(run.stdout)
     assert polls == 0 if gevent else polls >= 3
+
+
+# -- Under gevent, one worker's concurrent commands travel as one pipeline --------
+
+_GEVENT_STORE = """
+from gevent import monkey
+monkey.patch_all()
+import json, os, signal, sys, time
+import gevent, gevent.event, redis
+from tally.store import StorageError
+from tally.store.redis import RedisStore
+url = sys.argv[1]
+admin = redis.Redis.from_url(url)
+store = RedisStore(url, timeout={timeout}, prefix="gevent:")
+go = gevent.event.Event()
+def together(call, n):
+    '''Start ``n`` greenlets that each call ``call(i)`` at once; their results, or their errors' text.'''
+    def one(i):
+        go.wait()
+        started = time.monotonic()
+        try:
+            return [call(i), time.monotonic() - started]
+        except StorageError as exc:
+            return [str(exc), time.monotonic() - started]
+    greenlets = [gevent.spawn(one, i) for i in range(n)]
+    gevent.sleep(0)  # each is waiting on the event
+    go.set()
+    gevent.joinall(greenlets, timeout=30, raise_error=True)
+    go.clear()
+    return [g.value for g in greenlets]
+"""
+
+
+def test_under_gevent_a_workers_concurrent_commands_share_one_connection_and_each_gets_its_own_replies(
+    own_redis: RedisExecutor,
+) -> None:
+    """Twenty greenlets, five increments each, of four sessions: as if each had a connection of its own."""
+    script = (
+        _GEVENT_STORE.format(timeout=5)
+        + """
+store.add("warm", "counter", 1, 60)  # connected, its scripts loaded, and Redis's clock read
+before = admin.info("stats")["total_connections_received"]
+def increments(i):
+    return [store.add(f"s{i % 4}", "counter", 1, 60) for _ in range(5)]
+results = together(increments, 20)
+print(json.dumps({"results": results, "connections": admin.info("stats")["total_connections_received"] - before}))
+"""
+    )
+    url = f"redis://127.0.0.1:{own_redis.port}/0"
+    run = subprocess.run([sys.executable, "-c", script, url], capture_output=True, text=True, timeout=60, check=True)
+    seen = json.loads(run.stdout)
+    by_session: dict[int, list[int]] = {s: [] for s in range(4)}
+    for i, (counts, _) in enumerate(seen["results"]):
+        assert counts == sorted(counts), f"greenlet {i}'s own increments came back in order: {counts}"
+        by_session[i % 4] += counts
+    for session, counts in by_session.items():
+        assert sorted(counts) == list(range(1, 26)), f"session {session}: each increment got its own count"
+    assert RedisStore(url, prefix="gevent:").load("s0") == {"counter": 25}
+    assert seen["connections"] == 0, "the connection the worker already had carried all its concurrent commands"
+
+
+def test_under_gevent_commands_queued_behind_a_hung_redis_fail_at_once_unsent(own_redis: RedisExecutor) -> None:
+    """Only what was sent may have been applied; the rest is refused within the one timeout, not one each."""
+    script = (
+        _GEVENT_STORE.format(timeout=1.0)
+        + """
+store.add("s", "counter", 1, 60)  # connected, and Redis's clock read
+pid = int(admin.info("server")["process_id"])
+os.kill(pid, signal.SIGSTOP)
+try:
+    results = together(lambda i: store.add("s", "counter", 1, 60), 10)
+finally:
+    os.kill(pid, signal.SIGCONT)
+time.sleep(0.2)
+print(json.dumps({"results": results, "counter": store.load("s")["counter"]}))
+"""
+    )
+    url = f"redis://127.0.0.1:{own_redis.port}/0"
+    run = subprocess.run([sys.executable, "-c", script, url], capture_output=True, text=True, timeout=60, check=True)
+    seen = json.loads(run.stdout)
+    answers = [answer for answer, _ in seen["results"]]
+    sent = [answer for answer in answers if "may or may not have been applied" in answer]
+    unsent = [answer for answer in answers if answer == "Redis did not answer in time"]
+    assert len(sent) == 1 and len(unsent) == 9, f"the first was sent and timed out; the rest queued: {answers}"
+    slowest = max(seconds for _, seconds in seen["results"])
+    assert slowest < 1.5, f"every answer within the 1 s timeout, not one timeout after another: {slowest:.2f} s"
+    assert seen["counter"] == 1, "the one that was sent arrived late, and its deadline made it a no-op"

@@ -215,7 +215,7 @@ class RecordFileCache(FileSystemCache):
         self.fsync = fsync
         #: Called when a writer has to wait for another writer: its lock, or its write.
         self.on_lock_wait: Callable[[], None] = lambda: None
-        self._group = GroupCommit(lambda: self.on_lock_wait())
+        self._group: GroupCommit[Update] = GroupCommit(lambda: self.on_lock_wait())
         #: Called with the path and raw bytes of a record that was quarantined.
         self.on_quarantine: Callable[[str, bytes], None] = lambda path, raw: None
 
@@ -285,7 +285,7 @@ class RecordFileCache(FileSystemCache):
         This process's concurrent updates of the same file are made together,
         in one locked write (:mod:`.group`).
         """
-        return self._group.run(path, Update(change, ttl, create), lambda batch: self._commit(path, batch))
+        return self._group.run(path, Update(change, ttl, create), lambda batch: self._commit(path, batch)).result()
 
     def _commit(self, path: str, batch: list[Update]) -> None:
         """Apply ``batch`` in order, under the file's lock, in one write."""

@@ -20,6 +20,10 @@ and the next goes on from the record before it.  A caller returns only once
 the write that holds its update is done, so nothing is acknowledged before it
 is stored; if that write fails, every caller of the batch gets its error.
 
+The Redis store batches the same way under gevent (:mod:`.redis`): there a
+*job* is one request's commands, its key the connection pool of one Redis, and
+a batch goes down one connection as one pipeline.
+
 Written here because no library does it: ``concurrent.futures`` hands work to
 other threads but does not merge it, and a writer thread would add a hand-off
 to every write, contended or not.  An update that meets no other costs two
@@ -29,37 +33,54 @@ uncontended lock acquisitions here.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from functools import partial
+from typing import Any, Generic, TypeVar
 
 from .awake import gevent_patched, spin
 from .base import Change, Record
 
 
-class Update:
-    """One caller's update of a record, and what came of it."""
+class Job:
+    """One caller's part of a batch: whether it failed, and what it waits on."""
 
-    __slots__ = ("_wake", "batch", "change", "create", "error", "record", "ttl")
+    __slots__ = ("_wake", "batch", "error")
 
-    #: Held until this queued update is done, or is to lead the next batch.
+    #: Held until this queued job is done, or is to lead the next batch.
     _wake: threading.Lock
 
+    def __init__(self) -> None:
+        #: What this job raised instead, or what its batch's write raised.
+        self.error: BaseException | None = None
+        #: Set on a queued job that is to lead the next batch: that batch, itself first.
+        self.batch: list[Any] | None = None
+
+    def raise_error(self) -> None:
+        """Raise the error that stopped this job, if one did."""
+        if self.error is not None:
+            raise self.error
+
+
+class Update(Job):
+    """One caller's update of a record, and what came of it."""
+
+    __slots__ = ("change", "create", "record", "ttl")
+
     def __init__(self, change: Change, ttl: int, create: bool) -> None:
+        super().__init__()
         self.change = change
         self.ttl = ttl
         self.create = create
         #: The record as this update left it; None if there was none and it may not create one.
         self.record: Record | None = None
-        #: What this update raised instead, or what its batch's write raised.
-        self.error: BaseException | None = None
-        #: Set on a queued update that is to lead the next batch: that batch, itself first.
-        self.batch: list[Update] | None = None
 
     def result(self) -> Record | None:
         """The record as this update left it, or raise the error that stopped it."""
-        if self.error is not None:
-            raise self.error
+        self.raise_error()
         return self.record
+
+
+J = TypeVar("J", bound=Job)
 
 
 #: How many batches in a row one leader makes before it hands the queue on.
@@ -75,23 +96,34 @@ LEAD_LIMIT = 8
 #: 0.95 at 150 µs and 0.97 at 400 µs (A/Bs of 6 and 8 alternating rounds).
 WAKE_SPIN_SECONDS = 400e-6
 
-#: Applies a batch under the record's lock in one write, setting each update's
-#: record or error; raising means that nothing of the batch was written.
-Commit = Callable[[list[Update]], None]
+
+def _go_on(error: BaseException) -> BaseException | None:
+    return None
 
 
-class GroupCommit:
-    """Per process: the record updates under way, and those queued behind them."""
+class GroupCommit(Generic[J]):
+    """Per process: the jobs under way on each record (or connection), and those queued behind them."""
 
-    def __init__(self, on_wait: Callable[[], None] = lambda: None) -> None:
-        #: Called when an update queues behind another of the same record.
+    def __init__(
+        self,
+        on_wait: Callable[[], None] = lambda: None,
+        give_up: Callable[[BaseException], BaseException | None] = _go_on,
+    ) -> None:
+        #: Called when a job queues behind another of the same key.
         self.on_wait = on_wait
+        #: Given what a batch's write raised: the error that the jobs queued
+        #: behind it fail with, unsent, or None for them to go on as a batch.
+        self.give_up = give_up
         self._mutex = threading.Lock()
-        #: Per record being written: the updates that came while it was.
-        self._queued: dict[str, list[Update]] = {}
+        #: Per key being written: the jobs that came while it was.
+        self._queued: dict[Hashable, list[J]] = {}
 
-    def run(self, key: str, update: Update, commit: Commit) -> Record | None:
-        """Apply ``update`` to the record ``key`` through ``commit``, with any that come meanwhile."""
+    def run(self, key: Hashable, job: J, commit: Callable[[list[J]], None]) -> J:
+        """Make ``job`` through ``commit``, with any of ``key`` that come meanwhile; return it, done.
+
+        ``commit`` makes a batch in one write, setting each job's outcome or
+        error; raising means that nothing of the batch was made.
+        """
         with self._mutex:
             queue = self._queued.get(key)
             if queue is None:
@@ -99,19 +131,19 @@ class GroupCommit:
             else:
                 # A held lock wakes its one waiter when released: the lightest
                 # one-shot signal in threading (an Event is a Condition, a lock and a list).
-                update._wake = threading.Lock()
-                update._wake.acquire()
-                queue.append(update)
+                job._wake = threading.Lock()
+                job._wake.acquire()
+                queue.append(job)
         if queue is not None:
             self.on_wait()
-            if gevent_patched("threading") or not spin(partial(update._wake.acquire, False), WAKE_SPIN_SECONDS):
-                update._wake.acquire()
-            if update.batch is None:
-                return update.result()  # done, in a batch another update led
-        self._lead(key, update.batch or [update], commit)
-        return update.result()
+            if gevent_patched("threading") or not spin(partial(job._wake.acquire, False), WAKE_SPIN_SECONDS):
+                job._wake.acquire()
+            if job.batch is None:
+                return job  # done, in a batch another job led
+        self._lead(key, job.batch or [job], commit)
+        return job
 
-    def _lead(self, key: str, batch: list[Update], commit: Commit) -> None:
+    def _lead(self, key: Hashable, batch: list[J], commit: Callable[[list[J]], None]) -> None:
         """Make ``batch``, then what queued meanwhile, up to :data:`LEAD_LIMIT` batches; hand the rest on."""
         answered = batch[1:]  # the first is the leader's own, answered when it returns
         for led in range(1, LEAD_LIMIT + 1):
@@ -119,30 +151,35 @@ class GroupCommit:
                 commit(batch)
             except BaseException as exc:
                 # As concurrent.futures does for a future's waiters, each caller raises the one exception.
-                for update in batch:
-                    update.error = exc
-                self._close(key, answered, hand_on=True)
+                for job in batch:
+                    job.error = exc
+                self._close(key, answered, hand_on=True, error=self.give_up(exc))
                 if led == 1:
                     raise
-                return  # the leader's own update was made in its first batch
+                return  # the leader's own job was made in its first batch
             batch = answered = self._close(key, answered, hand_on=led == LEAD_LIMIT)
             if not batch:
                 return
 
-    def _close(self, key: str, answered: list[Update], hand_on: bool) -> list[Update]:
+    def _close(self, key: Hashable, answered: list[J], hand_on: bool, error: BaseException | None = None) -> list[J]:
         """Wake the ``answered``; return what queued meanwhile, for this leader to make next.
 
-        With ``hand_on`` the queued updates go instead to the first of them,
-        to lead from there, and nothing is returned.
+        With ``hand_on`` the queued jobs go instead to the first of them, to
+        lead from there, and nothing is returned.  With an ``error`` they
+        fail with it, unmade.
         """
         with self._mutex:
             queued = self._queued.pop(key)
-            if queued:
+            if queued and error is None:
                 self._queued[key] = []  # still under way: newcomers queue
                 if hand_on:
                     queued[0].batch = queued
-        for update in answered:
-            update._wake.release()
+        if error is not None:
+            for job in queued:
+                job.error = error
+            answered, queued = answered + queued, []
+        for job in answered:
+            job._wake.release()
         if queued and hand_on:
             queued[0]._wake.release()
             return []
