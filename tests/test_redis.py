@@ -1078,82 +1078,88 @@ _GEVENT_STORE = """
 from gevent import monkey
 monkey.patch_all()
 import json, os, signal, sys, time
-import gevent, gevent.event, redis
+import gevent, redis
 from tally.store import StorageError
 from tally.store.redis import RedisStore
 url = sys.argv[1]
 admin = redis.Redis.from_url(url)
 store = RedisStore(url, timeout={timeout}, prefix="gevent:")
-go = gevent.event.Event()
-def together(call, n):
-    '''Start ``n`` greenlets that each call ``call(i)`` at once; their results, or their errors' text.'''
-    def one(i):
-        go.wait()
-        started = time.monotonic()
-        try:
-            return [call(i), time.monotonic() - started]
-        except StorageError as exc:
-            return [str(exc), time.monotonic() - started]
-    greenlets = [gevent.spawn(one, i) for i in range(n)]
-    gevent.sleep(0)  # each is waiting on the event
-    go.set()
+started = time.monotonic()
+def attempt(call, i):
+    # In a greenlet of its own: call(i), or its error's text, and when it returned.
+    try:
+        result = call(i)
+    except StorageError as exc:
+        result = str(exc)
+    return [result, time.monotonic() - started]
+def spawn(call, n):
+    return [gevent.spawn(attempt, call, i) for i in range(n)]
+def outcomes(greenlets):
     gevent.joinall(greenlets, timeout=30, raise_error=True)
-    go.clear()
-    return [g.value for g in greenlets]
+    return [greenlet.value for greenlet in greenlets]
 """
+
+
+def _run_gevent_store(script: str, server: RedisExecutor, timeout: float) -> Any:
+    """Run ``script`` after :data:`_GEVENT_STORE`, on ``server``; what it printed, as JSON."""
+    program = _GEVENT_STORE.format(timeout=timeout) + script
+    url = f"redis://127.0.0.1:{server.port}/0"
+    run = subprocess.run([sys.executable, "-c", program, url], capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(run.stdout)
 
 
 def test_under_gevent_a_workers_concurrent_commands_share_one_connection_and_each_gets_its_own_replies(
     own_redis: RedisExecutor,
 ) -> None:
     """Twenty greenlets, five increments each, of four sessions: as if each had a connection of its own."""
-    script = (
-        _GEVENT_STORE.format(timeout=5)
-        + """
+    seen = _run_gevent_store(
+        """
 store.add("warm", "counter", 1, 60)  # connected, its scripts loaded, and Redis's clock read
 before = admin.info("stats")["total_connections_received"]
 def increments(i):
     return [store.add(f"s{i % 4}", "counter", 1, 60) for _ in range(5)]
-results = together(increments, 20)
-print(json.dumps({"results": results, "connections": admin.info("stats")["total_connections_received"] - before}))
-"""
+results = outcomes(spawn(increments, 20))
+connections = admin.info("stats")["total_connections_received"] - before
+print(json.dumps({"results": results, "connections": connections, "s0": store.load("s0")}))
+""",
+        own_redis,
+        timeout=5,
     )
-    url = f"redis://127.0.0.1:{own_redis.port}/0"
-    run = subprocess.run([sys.executable, "-c", script, url], capture_output=True, text=True, timeout=60, check=True)
-    seen = json.loads(run.stdout)
     by_session: dict[int, list[int]] = {s: [] for s in range(4)}
     for i, (counts, _) in enumerate(seen["results"]):
         assert counts == sorted(counts), f"greenlet {i}'s own increments came back in order: {counts}"
         by_session[i % 4] += counts
     for session, counts in by_session.items():
         assert sorted(counts) == list(range(1, 26)), f"session {session}: each increment got its own count"
-    assert RedisStore(url, prefix="gevent:").load("s0") == {"counter": 25}
+    assert seen["s0"] == {"counter": 25}
     assert seen["connections"] == 0, "the connection the worker already had carried all its concurrent commands"
 
 
 def test_under_gevent_commands_queued_behind_a_hung_redis_fail_at_once_unsent(own_redis: RedisExecutor) -> None:
     """Only what was sent may have been applied; the rest is refused within the one timeout, not one each."""
-    script = (
-        _GEVENT_STORE.format(timeout=1.0)
-        + """
+    seen = _run_gevent_store(
+        """
 store.add("s", "counter", 1, 60)  # connected, and Redis's clock read
 pid = int(admin.info("server")["process_id"])
 os.kill(pid, signal.SIGSTOP)
 try:
-    results = together(lambda i: store.add("s", "counter", 1, 60), 10)
+    started = time.monotonic()
+    sent = spawn(lambda i: store.add("s", "counter", 1, 60), 5)
+    gevent.sleep(0.2)  # the first five's batch is under way: the next five queue behind it
+    queued = spawn(lambda i: store.add("s", "counter", 1, 60), 5)
+    results = {"sent": outcomes(sent), "queued": outcomes(queued)}
 finally:
     os.kill(pid, signal.SIGCONT)
 time.sleep(0.2)
-print(json.dumps({"results": results, "counter": store.load("s")["counter"]}))
-"""
+print(json.dumps({**results, "counter": store.load("s")["counter"]}))
+""",
+        own_redis,
+        timeout=1.0,
     )
-    url = f"redis://127.0.0.1:{own_redis.port}/0"
-    run = subprocess.run([sys.executable, "-c", script, url], capture_output=True, text=True, timeout=60, check=True)
-    seen = json.loads(run.stdout)
-    answers = [answer for answer, _ in seen["results"]]
-    sent = [answer for answer in answers if "may or may not have been applied" in answer]
-    unsent = [answer for answer in answers if answer == "Redis did not answer in time"]
-    assert len(sent) == 1 and len(unsent) == 9, f"the first was sent and timed out; the rest queued: {answers}"
-    slowest = max(seconds for _, seconds in seen["results"])
+    sent = [answer for answer, _ in seen["sent"]]
+    queued = [answer for answer, _ in seen["queued"]]
+    assert all("may or may not have been applied" in answer for answer in sent), sent
+    assert queued == ["Redis did not answer in time"] * 5, "refused, unsent, when the batch ahead timed out"
+    slowest = max(seconds for _, seconds in seen["sent"] + seen["queued"])
     assert slowest < 1.5, f"every answer within the 1 s timeout, not one timeout after another: {slowest:.2f} s"
-    assert seen["counter"] == 1, "the one that was sent arrived late, and its deadline made it a no-op"
+    assert seen["counter"] == 1, "what was sent arrived late, and its deadline made it a no-op"

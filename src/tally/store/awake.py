@@ -42,6 +42,15 @@ def gevent_patched(module: str) -> bool:
     return monkey is not None and bool(monkey.is_module_patched(module))
 
 
+def let_others_run() -> None:
+    """Under gevent, let the greenlets that are ready run before this one goes on."""
+    # Imported here: gevent is an extra, and this runs only under it.  It ships
+    # no type hints, and its stubs (types-gevent) are not in the registry.
+    from gevent import sleep  # type: ignore[import-untyped]
+
+    sleep(0)
+
+
 #: Whether this process's socket waits go through gevent's hub; see :func:`waits_through_hub`.
 _through_hub: bool | None = None
 

@@ -108,12 +108,16 @@ class GroupCommit(Generic[J]):
         self,
         on_wait: Callable[[], None] = lambda: None,
         give_up: Callable[[BaseException], BaseException | None] = _go_on,
+        gather: Callable[[], None] | None = None,
     ) -> None:
         #: Called when a job queues behind another of the same key.
         self.on_wait = on_wait
         #: Given what a batch's write raised: the error that the jobs queued
         #: behind it fail with, unsent, or None for them to go on as a batch.
         self.give_up = give_up
+        #: Called by a job that is to lead, before its first write: the jobs
+        #: that come and queue meanwhile join that write.
+        self.gather = gather
         self._mutex = threading.Lock()
         #: Per key being written: the jobs that came while it was.
         self._queued: dict[Hashable, list[J]] = {}
@@ -140,7 +144,13 @@ class GroupCommit(Generic[J]):
                 job._wake.acquire()
             if job.batch is None:
                 return job  # done, in a batch another job led
-        self._lead(key, job.batch or [job], commit)
+        batch = job.batch or [job]
+        if self.gather is not None:
+            self.gather()
+            with self._mutex:
+                came, self._queued[key] = self._queued[key], []
+            batch += came
+        self._lead(key, batch, commit)
         return job
 
     def _lead(self, key: Hashable, batch: list[J], commit: Callable[[list[J]], None]) -> None:

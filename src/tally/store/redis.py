@@ -37,7 +37,7 @@ import redis.connection
 from redis import exceptions as rx
 from redis.sentinel import MasterNotFoundError
 
-from .awake import waits_through_hub
+from .awake import let_others_run, waits_through_hub
 from .base import Change, CorruptRecord, OutOfRange, PruneReport, Record, Stats, StorageError, Store, hashed_id
 from .group import GroupCommit, Job
 from .redis_connect import Target, connect, leases, replies
@@ -227,13 +227,14 @@ def _unsent(error: BaseException) -> BaseException | None:
 
 #: Under gevent, one worker's commands for one Redis (one connection pool)
 #: that come while another's are under way are sent after them as one
-#: pipeline (:mod:`.group`).  A worker then makes one write, one read and one
-#: wait in its hub for the lot, and Redis one read and one write, where each
-#: request made its own: under gevent's load the CPU is never idle, and Tally
-#: on Redis went from 0.59 to 0.67 of Flask with no session.  Threads are
-#: not batched: their waits overlap on connections of their own, and the
-#: hand-offs cost more than they saved (sync workers never have two requests).
-_pipelines: GroupCommit[_Commands] = GroupCommit(give_up=_unsent)
+#: pipeline (:mod:`.group`); a leader first lets the greenlets that are ready
+#: run, and those that reach their own commands join its first batch.  A
+#: worker then makes one write, one read and one wait in its hub for the lot,
+#: and Redis one read and one write, where each request made its own: under
+#: gevent's load the CPU is never idle.  Threads are not batched: their waits
+#: overlap on connections of their own, and the hand-offs cost more than they
+#: saved (sync workers never have two requests).
+_pipelines: GroupCommit[_Commands] = GroupCommit(give_up=_unsent, gather=let_others_run)
 
 
 def _send(client: redis.Redis, *commands: tuple[Any, ...]) -> list[Any]:
