@@ -6,7 +6,9 @@ Every system runs under gunicorn with the same settings, once per worker class:
 round, so a noisy machine slows all of them alike; the tables show medians, and
 ratios taken round by round, which is what holds on a shared 2-core machine.
 Within a worker class, each Tally runs right beside the stock recipe it is
-compared with, and the class's own no-session ceiling runs in the same rounds.
+compared with, in both modes (a cookie per connection, and one shared cookie)
+before the next pair starts, and the class's own no-session ceiling runs in
+the same rounds.
 Results go to docs/benchmarks.md and docs/benchmarks.png, and the main tables
 to README.md's results block.
 
@@ -604,22 +606,24 @@ def run_main(groups: list[list[System]], servers: dict[str, RedisServer], args: 
         began = time.monotonic()
         for round_ in range(args.rounds):
             # The worker classes take turns to go first, and so do the groups within each; each
-            # Tally goes first in its pair on even rounds and second on odd ones.
+            # Tally goes first in its pair on even rounds and second on odd ones.  A group runs
+            # both its modes before the next group starts, so that a system's shared run comes
+            # within two runs of its own many run (their ratio is a goal), the modes also taking
+            # turns to go first: many, then shared on even rounds, and the reverse on odd ones.
             for worker_class in rotated(args.worker_classes, round_):
-                order = [
-                    s for g in rotated(by_class[worker_class], round_) for s in (g if round_ % 2 == 0 else g[::-1])
-                ]
-                for mode in ("many", "shared"):
-                    for system in order:
-                        if mode not in system.modes:
-                            continue
-                        result = run_once(system, mode, args.seconds, args.connections)
-                        system.runs.setdefault(mode, []).append(result)
-                        print(
-                            f"round {round_ + 1}/{args.rounds} {time.monotonic() - began:5.0f}s {system.label:44} "
-                            f"{mode:6} {result['rps']:8.0f} req/s",
-                            flush=True,
-                        )
+                for group in rotated(by_class[worker_class], round_):
+                    order = group if round_ % 2 == 0 else group[::-1]
+                    for mode in ("many", "shared") if round_ % 2 == 0 else ("shared", "many"):
+                        for system in order:
+                            if mode not in system.modes:
+                                continue
+                            result = run_once(system, mode, args.seconds, args.connections)
+                            system.runs.setdefault(mode, []).append(result)
+                            print(
+                                f"round {round_ + 1}/{args.rounds} {time.monotonic() - began:5.0f}s "
+                                f"{system.label:44} {mode:6} {result['rps']:8.0f} req/s",
+                                flush=True,
+                            )
         if first:
             args.ping_us["after"] = ping_us(first)
         if "replica" in servers:

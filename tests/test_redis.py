@@ -1108,7 +1108,7 @@ def _run_gevent_store(script: str, server: RedisExecutor, timeout: float) -> Any
     return json.loads(run.stdout)
 
 
-def test_under_gevent_a_workers_concurrent_commands_share_one_connection_and_each_gets_its_own_replies(
+def test_under_gevent_concurrent_commands_share_one_connection_each_with_its_own_replies(
     own_redis: RedisExecutor,
 ) -> None:
     """Twenty greenlets, five increments each, of four sessions: as if each had a connection of its own."""
@@ -1163,3 +1163,29 @@ print(json.dumps({**results, "counter": store.load("s")["counter"]}))
     slowest = max(seconds for _, seconds in seen["sent"] + seen["queued"])
     assert slowest < 1.5, f"every answer within the 1 s timeout, not one timeout after another: {slowest:.2f} s"
     assert seen["counter"] == 1, "what was sent arrived late, and its deadline made it a no-op"
+
+
+def test_under_gevent_commands_queued_behind_a_cut_connection_go_on_down_a_new_one(own_redis: RedisExecutor) -> None:
+    """A connection cut under a batch (a failover, CLIENT KILL) fails that batch alone."""
+    seen = _run_gevent_store(
+        """
+store.add("s", "counter", 1, 60)  # connected, and Redis's clock read
+admin.client_pause(5000, all=False)  # writes wait, scripts among them
+sent = spawn(lambda i: store.add("s", "counter", 1, 60), 3)
+gevent.sleep(0.2)  # their batch waits in Redis: the next three queue behind it
+queued = spawn(lambda i: store.add("s", "counter", 1, 60), 3)
+gevent.sleep(0.2)
+me = admin.client_id()
+for client in admin.client_list():
+    if int(client["id"]) != me:
+        admin.client_kill_filter(_id=client["id"])  # Redis drops the paused commands with their connection
+admin.client_unpause()
+print(json.dumps({"sent": outcomes(sent), "queued": outcomes(queued), "counter": store.load("s")["counter"]}))
+""",
+        own_redis,
+        timeout=5,
+    )
+    sent = [answer for answer, _ in seen["sent"]]
+    assert all("may or may not have been applied" in answer for answer in sent), sent
+    assert sorted(answer for answer, _ in seen["queued"]) == [2, 3, 4], "the queued went on, each counted once"
+    assert seen["counter"] == 4

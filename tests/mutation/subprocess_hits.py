@@ -86,6 +86,18 @@ GUARANTEES = {
     "tests/test_group_commit.py::test_under_gevent_a_queued_update_never_waits_awake[gevent]": (
         "tally.store.group", "tally.store.awake",
     ),
+    # Pipelines under gevent (each about 1 s, a gevent subprocess): the only checks that a
+    # worker's concurrent commands share a connection with each its own replies, and what
+    # the commands queued behind a failed batch get.
+    "tests/test_redis.py::test_under_gevent_concurrent_commands_share_one_connection_each_with_its_own_replies": (
+        "tally.store.redis", "tally.store.group", "tally.store.awake",
+    ),
+    "tests/test_redis.py::test_under_gevent_commands_queued_behind_a_hung_redis_fail_at_once_unsent": (
+        "tally.store.redis", "tally.store.group",
+    ),
+    "tests/test_redis.py::test_under_gevent_commands_queued_behind_a_cut_connection_go_on_down_a_new_one": (
+        "tally.store.redis", "tally.store.group",
+    ),
 }  # fmt: skip
 
 #: How far each hit file has been read, so that every test gets only its own lines.
