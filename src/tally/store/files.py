@@ -295,6 +295,9 @@ class RecordFileCache(FileSystemCache):
                 fd = self._open_locked(path, create=create)
                 if fd is None:
                     return  # absent, and no update may create it: each leaves None
+                # What queued while this waited for the lock (often a write of
+                # another process's) goes in this write, not in one more.
+                batch += self._group.joined(path)
                 try:
                     now = time.time()
                     current = self._newest_or_quarantine(path, fd)

@@ -8,10 +8,13 @@ the writer holding the lock gives the GIL up for each of its system calls.
 
 Here the threads of one process that update one record at the same time form
 a batch instead.  The first one leads; those that come while it writes queue
-behind it.  When the leader's write is done it wakes its batch, and makes
-everything that queued meanwhile as the next batch: all of it in one
-read-modify-write under the file lock.  After :data:`LEAD_LIMIT` batches it
-hands what is queued to the first of them, which leads from there.
+behind it.  Those that queued while it waited for the file's lock (held by
+another process's writer, as a shared cookie's is half the time under two
+workers) join its write once it has the lock (:meth:`GroupCommit.joined`).
+When the leader's write is done it wakes its batch, and makes everything that
+queued meanwhile as the next batch: all of it in one read-modify-write under
+the file lock.  After :data:`LEAD_LIMIT` batches it hands what is queued to
+the first of them, which leads from there.
 
 The updates of a batch are applied one after another, in the order they
 queued, and each caller gets the record as its own update left it: what a lock
@@ -101,6 +104,11 @@ def _go_on(error: BaseException) -> BaseException | None:
     return None
 
 
+def _others(batch: list[J], led: int) -> list[J]:
+    """The jobs of a leader's ``led``-th batch that it answers: in its first, all but its own."""
+    return batch[1:] if led == 1 else batch
+
+
 class GroupCommit(Generic[J]):
     """Per process: the jobs under way on each record (or connection), and those queued behind them."""
 
@@ -147,27 +155,35 @@ class GroupCommit(Generic[J]):
         batch = job.batch or [job]
         if self.gather is not None:
             self.gather()
-            with self._mutex:
-                came, self._queued[key] = self._queued[key], []
-            batch += came
+            batch += self.joined(key)
         self._lead(key, batch, commit)
         return job
 
+    def joined(self, key: Hashable) -> list[J]:
+        """Take the jobs queued behind the batch under way on ``key``, for it to make them too.
+
+        Called by a batch's commit once it holds what it waited for (the
+        file's lock): what queued meanwhile goes in the same write instead of
+        waiting for another.  The commit adds them to its batch, which answers them.
+        """
+        with self._mutex:
+            came, self._queued[key] = self._queued[key], []
+        return came
+
     def _lead(self, key: Hashable, batch: list[J], commit: Callable[[list[J]], None]) -> None:
         """Make ``batch``, then what queued meanwhile, up to :data:`LEAD_LIMIT` batches; hand the rest on."""
-        answered = batch[1:]  # the first is the leader's own, answered when it returns
         for led in range(1, LEAD_LIMIT + 1):
             try:
-                commit(batch)
+                commit(batch)  # which may add to it what joined meanwhile
             except BaseException as exc:
                 # As concurrent.futures does for a future's waiters, each caller raises the one exception.
                 for job in batch:
                     job.error = exc
-                self._close(key, answered, hand_on=True, error=self.give_up(exc))
+                self._close(key, _others(batch, led), hand_on=True, error=self.give_up(exc))
                 if led == 1:
                     raise
                 return  # the leader's own job was made in its first batch
-            batch = answered = self._close(key, answered, hand_on=led == LEAD_LIMIT)
+            batch = self._close(key, _others(batch, led), hand_on=led == LEAD_LIMIT)
             if not batch:
                 return
 
