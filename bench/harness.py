@@ -39,6 +39,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
 import signal
@@ -861,6 +862,12 @@ def shown_path(path: Path) -> str:
     return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
 
 
+def goal_threshold(goal: str) -> float | None:
+    """The number that a goal such as "≥ 0.9, 0 lost" asks a ratio's median to reach; None without a goal."""
+    match = re.match(r"≥ ([0-9.]+)", goal)
+    return float(match.group(1)) if match else None
+
+
 def ratios_table(systems: list[System], runs: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
     """This run's ratios, each beside the goal and its spread over the last full runs."""
     this_run = {(r["worker_class"], r["ratio"]): r for r in ratios_of(systems)}
@@ -913,6 +920,11 @@ def ratios_table(systems: list[System], runs: list[dict[str, Any]], args: argpar
                     spread += f", {'0 lost in each' if not any(lost_counts) else f'{sum(lost_counts)} lost in all'}"
                 if 0 < len(medians) < len(runs):
                     spread += f" ({len(medians)} runs)"
+                threshold = goal_threshold(goal)
+                if threshold is not None and medians:
+                    # Counted on the unrounded medians: 0.696 shows as 0.70 but misses "≥ 0.70".
+                    met = sum(m >= threshold and not lost for m, lost in zip(medians, lost_counts, strict=True))
+                    spread += f"; goal met in {met} of {len(medians)}"
                 line += f" {spread} |"
             lines.append(line)
     return lines
