@@ -1189,3 +1189,30 @@ print(json.dumps({"sent": outcomes(sent), "queued": outcomes(queued), "counter":
     assert all("may or may not have been applied" in answer for answer in sent), sent
     assert sorted(answer for answer, _ in seen["queued"]) == [2, 3, 4], "the queued went on, each counted once"
     assert seen["counter"] == 4
+
+
+def test_under_gevent_concurrent_writes_wait_for_replicas_together(own_redis: RedisExecutor) -> None:
+    """With no replica following, six concurrent writes each get the replicas' 503 within a third of the timeout.
+
+    Were each write's WAIT sent after it, the second write would wait for the
+    first's WAIT to run out, the third for two: the later ones would be too late.
+    """
+    seen = _run_gevent_store(
+        """
+store.add("s", "counter", 1, 60)  # connected, and the script loaded
+waiting = RedisStore(url, timeout=0.9, prefix="gevent:", replicas=1)
+outcomes(spawn(lambda i: waiting.add("s", "counter", 1, 60), 1))  # Redis's clock read
+admin.config_resetstat()
+started = time.monotonic()
+results = outcomes(spawn(lambda i: waiting.add("s", "counter", 1, 60), 6))
+print(json.dumps({"results": results, "waits": admin.info("commandstats")["cmdstat_wait"]["calls"]}))
+""",
+        own_redis,
+        timeout=0.9,
+    )
+    answers = [answer for answer, _ in seen["results"]]
+    unconfirmed = "fewer than 1 Redis replicas confirmed the write; this change may or may not have been applied"
+    assert answers == [unconfirmed] * 6, answers
+    slowest = max(seconds for _, seconds in seen["results"])
+    assert slowest < 0.6, f"answered once a third of the 0.9 s timeout ran out, not later: {slowest:.2f} s"
+    assert seen["waits"] < 6, "the writes that went to Redis together waited together"

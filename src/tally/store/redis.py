@@ -248,13 +248,32 @@ def _send(client: redis.Redis, *commands: tuple[Any, ...]) -> list[Any]:
     return _pipelines.run(client.connection_pool, _Commands(commands), partial(_commit, client)).result()
 
 
+def _ends_in_wait(commands: tuple[tuple[Any, ...], ...]) -> tuple[tuple[tuple[Any, ...], ...], tuple[Any, ...] | None]:
+    """A job's commands before the ``WAIT`` that ends them, and that ``WAIT`` (None if none does)."""
+    if commands[-1][0] == "WAIT":
+        return commands[:-1], commands[-1]
+    return commands, None
+
+
 def _commit(client: redis.Redis, batch: list[_Commands]) -> None:
-    """Send the commands of ``batch`` as one pipeline, and hand each caller its replies."""
-    answers = _exchange(client, [command for job in batch for command in job.commands])
+    """Send the commands of ``batch`` as one pipeline, and hand each caller its replies.
+
+    A ``WAIT`` waits for every write made before it on its connection, so the
+    jobs' ``WAIT``s go once each at the end, after all the writes: the
+    replicas confirm the whole batch in one round trip, where a ``WAIT`` after
+    each job's write would make the rest wait for one after another (with a
+    lagging replica, a third of the timeout each, and the later writes late).
+    """
+    parts = [_ends_in_wait(job.commands) for job in batch]
+    waits = list(dict.fromkeys(wait for _, wait in parts if wait is not None))
+    answers = _exchange(client, [command for commands, _ in parts for command in commands] + waits)
+    waited = dict(zip(waits, answers[len(answers) - len(waits) :], strict=True))
     start = 0
-    for job in batch:
-        job.replies = answers[start : start + len(job.commands)]
-        start += len(job.commands)
+    for job, (commands, wait) in zip(batch, parts, strict=True):
+        job.replies = answers[start : start + len(commands)]
+        start += len(commands)
+        if wait is not None:
+            job.replies.append(waited[wait])
 
 
 def _exchange(client: redis.Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
