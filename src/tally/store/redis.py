@@ -258,11 +258,11 @@ def _ends_in_wait(commands: tuple[tuple[Any, ...], ...]) -> tuple[tuple[tuple[An
 def _commit(client: redis.Redis, batch: list[_Commands]) -> None:
     """Send the commands of ``batch`` as one pipeline, and hand each caller its replies.
 
-    A ``WAIT`` waits for every write made before it on its connection, so the
-    jobs' ``WAIT``s go once each at the end, after all the writes: the
-    replicas confirm the whole batch in one round trip, where a ``WAIT`` after
-    each job's write would make the rest wait for one after another (with a
-    lagging replica, a third of the timeout each, and the later writes late).
+    A ``WAIT`` waits for every write made before it on its connection, so
+    the jobs' ``WAIT`` goes once, after all the writes (once for each
+    distinct one): the replicas confirm the whole batch in one round trip.
+    A ``WAIT`` after each job's write would make the next write wait for it,
+    with a lagging replica a third of the timeout each, and the later writes late.
     """
     parts = [_ends_in_wait(job.commands) for job in batch]
     waits = list(dict.fromkeys(wait for _, wait in parts if wait is not None))
