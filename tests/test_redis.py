@@ -1090,7 +1090,7 @@ def attempt(call, i):
     try:
         result = call(i)
     except StorageError as exc:
-        result = str(exc)
+        result = f"{{exc.status}} {{exc.kind}}: {{exc}}"
     return [result, time.monotonic() - started]
 def spawn(call, n):
     return [gevent.spawn(attempt, call, i) for i in range(n)]
@@ -1135,6 +1135,28 @@ print(json.dumps({"results": results, "connections": connections, "s0": store.lo
     assert seen["connections"] == 0, "the connection the worker already had carried all its concurrent commands"
 
 
+def test_under_gevent_concurrent_commands_for_two_redis_servers_each_go_to_their_own(
+    own_redis: RedisExecutor, redis_url: str, redis_prefix: str
+) -> None:
+    """One worker's commands for two Redis (a Cluster's primaries, or two stores) go in separate pipelines."""
+    seen = _run_gevent_store(
+        f"other = RedisStore({redis_url!r}, timeout=5, prefix={redis_prefix!r})\n"
+        + """
+store.add("warm", "counter", 1, 60)  # each connected, its script loaded, and its clock read
+other.add("warm", "counter", 1, 60)
+def increments(i):
+    return [(store if i % 2 else other).add("s", "counter", 1, 60) for _ in range(5)]
+results = outcomes(spawn(increments, 20))
+print(json.dumps({"results": results, "here": store.load("s"), "there": other.load("s")}))
+""",
+        own_redis,
+        timeout=5,
+    )
+    counts = [count for i, (counts, _) in enumerate(seen["results"]) if i % 2 for count in counts]
+    assert sorted(counts) == list(range(1, 51)), "each increment of this server's session got its own count"
+    assert (seen["here"], seen["there"]) == ({"counter": 50}, {"counter": 50}), "each on its own server"
+
+
 def test_under_gevent_commands_queued_behind_a_hung_redis_fail_at_once_unsent(own_redis: RedisExecutor) -> None:
     """Only what was sent may have been applied; the rest is refused within the one timeout, not one each."""
     seen = _run_gevent_store(
@@ -1159,7 +1181,9 @@ print(json.dumps({**results, "counter": store.load("s")["counter"]}))
     sent = [answer for answer, _ in seen["sent"]]
     queued = [answer for answer, _ in seen["queued"]]
     assert all("may or may not have been applied" in answer for answer in sent), sent
-    assert queued == ["Redis did not answer in time"] * 5, "refused, unsent, when the batch ahead timed out"
+    assert queued == ["503 unavailable: Redis did not answer in time"] * 5, (
+        "refused, unsent, when the batch ahead timed out"
+    )
     slowest = max(seconds for _, seconds in seen["sent"] + seen["queued"])
     assert slowest < 1.5, f"every answer within the 1 s timeout, not one timeout after another: {slowest:.2f} s"
     assert seen["counter"] == 1, "what was sent arrived late, and its deadline made it a no-op"
@@ -1211,7 +1235,10 @@ print(json.dumps({"results": results, "waits": admin.info("commandstats")["cmdst
         timeout=0.9,
     )
     answers = [answer for answer, _ in seen["results"]]
-    unconfirmed = "fewer than 1 Redis replicas confirmed the write; this change may or may not have been applied"
+    unconfirmed = (
+        "503 not_replicated: fewer than 1 Redis replicas confirmed the write; "
+        "this change may or may not have been applied"
+    )
     assert answers == [unconfirmed] * 6, answers
     slowest = max(seconds for _, seconds in seen["results"])
     assert slowest < 0.6, f"answered once a third of the 0.9 s timeout ran out, not later: {slowest:.2f} s"

@@ -92,6 +92,9 @@ GUARANTEES = {
     "tests/test_redis.py::test_under_gevent_concurrent_commands_share_one_connection_each_with_its_own_replies": (
         "tally.store.redis", "tally.store.group", "tally.store.awake",
     ),
+    "tests/test_redis.py::test_under_gevent_concurrent_commands_for_two_redis_servers_each_go_to_their_own": (
+        "tally.store.redis", "tally.store.group",
+    ),
     "tests/test_redis.py::test_under_gevent_commands_queued_behind_a_hung_redis_fail_at_once_unsent": (
         "tally.store.redis", "tally.store.group",
     ),
