@@ -142,9 +142,14 @@ class Server:
 
     def get(self, path: str, cookie: str | None = None, **kwargs: object) -> requests.Response:
         """GET ``path``, with ``cookie`` as the session cookie when given (timeout 30 s unless given)."""
-        cookies = {"session": cookie} if cookie else None
+        http = self.http()
+        cookies = None
+        if cookie:
+            # That cookie alone: requests would also send the one an earlier answer left in the jar.
+            http.cookies.clear()
+            cookies = {"session": cookie}
         kwargs.setdefault("timeout", 30)
-        return self.http().get(self.url + path, cookies=cookies, **kwargs)  # type: ignore[arg-type]
+        return http.get(self.url + path, cookies=cookies, **kwargs)  # type: ignore[arg-type]
 
     def new_client(self) -> str:
         """Create a session with one increment and return its cookie."""

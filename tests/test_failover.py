@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ROOT, Server, ServerFactory, counter_of
+from conftest import ROOT, WORKER_CLASSES, Server, ServerFactory, counter_of
 from tally.store import redis as redis_store
 from tally.store.base import StorageError
 from tally.store.redis import CLOCK_CHECK_SECONDS, RedisStore
@@ -244,11 +244,23 @@ def test_the_global_counter_is_exact_on_a_cluster(serve: ServerFactory, redis_cl
     assert numbers == list(range(start + 1, start + 101)), "100 clients, 100 distinct numbers, no gap"
 
 
-def test_sessions_spread_over_the_cluster_and_count_exactly(serve: ServerFactory, redis_cluster: ClusterSetup) -> None:
-    server = serve(workers=2, threads=4, redis_url=redis_cluster.url)
+@pytest.mark.parametrize("worker_class", WORKER_CLASSES)
+def test_sessions_spread_over_the_cluster_and_count_exactly(
+    serve: ServerFactory, redis_cluster: ClusterSetup, worker_class: str
+) -> None:
+    """One cookie's burst, then all the cookies' at once: under gevent, one pipeline per primary."""
+    server = serve(worker_class=worker_class, workers=2, threads=4, redis_url=redis_cluster.url)
     cookies = [server.new_client() for _ in range(12)]
     holders = {redis_cluster.primary_for_key(_session_key(c)).port for c in cookies}
     assert len(holders) >= 2, "sessions lie on several primaries"
     assert sorted(server.burst("/inc", 200, cookies[0], threads=24).values) == list(range(2, 202))
     for cookie in cookies[1:]:
         assert server.get("/counter", cookie).text == "counter is 1"
+
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda i: server.get("/inc", cookies[i % 12]), range(240)))
+    assert [answer.status_code for answer in answers] == [200] * 240
+    for first, cookie in enumerate(cookies):
+        counts = sorted(counter_of(answer.text) for answer in answers[first::12])
+        start = 202 if cookie == cookies[0] else 2
+        assert counts == list(range(start, start + 20)), f"cookie {first}: each increment its own count"
