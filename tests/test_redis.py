@@ -128,6 +128,22 @@ def test_a_sentinel_url_with_a_database_holds_the_sessions_and_the_quota_there(
         assert not direct.keys("tally:*")
 
 
+def test_over_the_quota_on_sentinel_the_429_needs_no_replica(tmp_path: Path, sentinel_setup: SentinelSetup) -> None:
+    """The quota's window is read from the primary, as it is counted there: a hung replica leaves the 429 as it was."""
+    settings = {"REDIS_URL": sentinel_setup.url, "SECRET_KEY": "k", "NEW_SESSIONS_PER_MINUTE": 1, "REDIS_TIMEOUT": 0.5}
+    app = create_app(settings, instance_path=str(tmp_path))
+    assert app.test_client().get("/inc").text == "counter is 1"
+    for replica in sentinel_setup.replicas:
+        replica.pause()
+    try:
+        response = app.test_client().get("/inc")
+    finally:
+        for replica in sentinel_setup.replicas:
+            replica.resume()
+    assert response.status_code == 429, response.text
+    assert 1 <= int(response.headers["Retry-After"]) <= 60
+
+
 @pytest.mark.parametrize(
     ("damage", "deleted"),
     [

@@ -220,7 +220,10 @@ def _storage(app: Flask) -> Storage:
         uri = f"redis+{read.kind}://{read.hosts}"
         options.update(read.options)
         if read.kind == "sentinel":
+            # use_replicas: limits would read a window's reset time (Retry-After) from a replica, which
+            # may lag or hang while the primary, where the count is kept, answers.
             more = {"service_name": read.service, "db": read.db, "sentinel_kwargs": dict(options)}
+            more["use_replicas"] = False
     return _sync(storage_from_string(uri, wrap_exceptions=True, key_prefix=prefix, **more, **options))
 
 
