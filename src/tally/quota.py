@@ -222,8 +222,12 @@ def _storage(app: Flask) -> Storage:
         if read.kind == "sentinel":
             # use_replicas: limits would read a window's reset time (Retry-After) from a replica, which
             # may lag or hang while the primary, where the count is kept, answers.
-            more = {"service_name": read.service, "db": read.db, "sentinel_kwargs": dict(options)}
-            more["use_replicas"] = False
+            more = {
+                "service_name": read.service,
+                "db": read.db,
+                "sentinel_kwargs": dict(options),
+                "use_replicas": False,
+            }
     return _sync(storage_from_string(uri, wrap_exceptions=True, key_prefix=prefix, **more, **options))
 
 
